@@ -1,0 +1,150 @@
+//! The HTTP API: routes, authentication, request reading. Handlers live in one file per resource.
+
+pub mod health;
+pub mod payments;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::header::CONTENT_LENGTH;
+use actix_web::web::{self, Bytes, BytesMut};
+use actix_web::{HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::Settings;
+use crate::db::Pool;
+use crate::error::ApiError;
+
+/// What every handler needs, shared by all workers.
+pub struct AppState {
+    pub pool: Pool,
+    pub merchants: Merchants,
+    pub max_body: u64,
+    /// Upper bound for the database work of one request: waiting for a connection plus the
+    /// queries. Past it the request answers 503 instead of hanging.
+    pub db_deadline: Duration,
+}
+
+impl AppState {
+    pub fn new(settings: &Settings, pool: Pool) -> Self {
+        AppState {
+            pool,
+            merchants: Merchants::new(settings),
+            max_body: settings.server.max_body.0,
+            db_deadline: settings.database.acquire_timeout + settings.database.query_timeout,
+        }
+    }
+}
+
+/// API keys, stored as SHA-256 digests so that comparing them takes the same time whatever the
+/// key's length or content.
+pub struct Merchants {
+    keys: Vec<([u8; 32], Arc<str>)>,
+}
+
+impl Merchants {
+    pub fn new(settings: &Settings) -> Self {
+        let keys = settings
+            .merchants
+            .iter()
+            .map(|m| {
+                (
+                    digest(m.api_key.expose().as_bytes()),
+                    Arc::<str>::from(m.name.as_str()),
+                )
+            })
+            .collect();
+        Merchants { keys }
+    }
+
+    /// The merchant this key belongs to. Compares against every key without stopping early, in
+    /// constant time per key, so timing tells nothing about which key was close.
+    pub fn authenticate(&self, presented: &[u8]) -> Option<Arc<str>> {
+        let presented = digest(presented);
+        let mut found = None;
+        for (key, name) in &self.keys {
+            if bool::from(key.ct_eq(&presented)) {
+                found = Some(name.clone());
+            }
+        }
+        found
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// The merchant behind the request's `X-API-Key`, or 401.
+pub fn authenticate(req: &HttpRequest, state: &AppState) -> Result<Arc<str>, ApiError> {
+    let key = req
+        .headers()
+        .get("X-API-Key")
+        .ok_or(ApiError::Unauthorized)?;
+    state
+        .merchants
+        .authenticate(key.as_bytes())
+        .ok_or(ApiError::Unauthorized)
+}
+
+/// Reads the body up to `limit` bytes. A declared Content-Length over the limit is refused before
+/// a single byte is read; a chunked body is cut off as soon as it passes the limit.
+pub async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: u64,
+) -> Result<Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit) as usize);
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| match e {
+            actix_web::error::PayloadError::Overflow => ApiError::PayloadTooLarge { limit },
+            other => ApiError::BadRequest(
+                "invalid_body",
+                format!("could not read the request body: {other}"),
+            ),
+        })?;
+        if (buf.len() + chunk.len()) as u64 > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// Every route. Unknown paths and wrong methods answer the JSON error shape too.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/health")
+            .route(web::get().to(health::health))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/v1/payments")
+            .route(web::post().to(payments::create))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/v1/payments/{id}")
+            .route(web::get().to(payments::get))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .default_service(web::to(not_found));
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound("route"))
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}

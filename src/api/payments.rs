@@ -1,0 +1,546 @@
+//! `POST /api/v1/payments` and `GET /api/v1/payments/{id}`.
+
+use actix_web::http::header::{CONTENT_TYPE, LOCATION};
+use actix_web::{HttpRequest, HttpResponse, web};
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::{AppState, authenticate, read_body};
+use crate::db::payments::{self as payments_db, NewPayment, Payment};
+use crate::db::{self, DbError};
+use crate::domain::{self, Currency};
+use crate::error::ApiError;
+
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+pub const MAX_DESCRIPTION_CHARS: usize = 1000;
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+pub const MAX_WEBHOOK_URL_LEN: usize = 2048;
+const FIELDS: [&str; 5] = [
+    "amount",
+    "currency",
+    "description",
+    "metadata",
+    "webhook_url",
+];
+
+/// A validated payment request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PaymentRequest {
+    /// Scale 2.
+    pub amount: Decimal,
+    pub currency: Currency,
+    pub description: Option<String>,
+    /// Always an object (`{}` when absent).
+    pub metadata: Value,
+    /// Normalised by the WHATWG URL parser (`https://example.com` becomes `https://example.com/`).
+    pub webhook_url: Option<String>,
+}
+
+impl PaymentRequest {
+    /// Parses and validates a request body. Malformed JSON is a 400; anything that parses but
+    /// breaks a rule is a 422 naming the field.
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+        let Value::Object(mut obj) = value else {
+            return Err(ApiError::validation("body", "must be a JSON object"));
+        };
+        if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+            let shown: String = unknown.chars().take(64).collect();
+            return Err(ApiError::validation(
+                shown.clone(),
+                format!("unknown field {shown:?}; allowed: {}", FIELDS.join(", ")),
+            ));
+        }
+        let amount = match obj.remove("amount") {
+            None | Some(Value::Null) => return Err(ApiError::validation("amount", "is required")),
+            Some(Value::String(s)) => domain::parse_amount(&s),
+            Some(Value::Number(n)) => domain::parse_amount(&n.to_string()),
+            Some(_) => Err(domain::AmountError::NotANumber),
+        }
+        .map_err(|e| ApiError::validation("amount", e.to_string()))?;
+
+        let currency = match obj.remove("currency") {
+            None | Some(Value::Null) => {
+                return Err(ApiError::validation("currency", "is required"));
+            }
+            Some(Value::String(s)) => s.parse::<Currency>().ok(),
+            Some(_) => None,
+        }
+        .ok_or_else(|| ApiError::validation("currency", "must be one of RUB, USD, EUR"))?;
+
+        let description = match obj.remove("description") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => {
+                if s.chars().count() > MAX_DESCRIPTION_CHARS {
+                    return Err(ApiError::validation(
+                        "description",
+                        format!("must be at most {MAX_DESCRIPTION_CHARS} characters"),
+                    ));
+                }
+                if s.contains('\0') {
+                    return Err(ApiError::validation(
+                        "description",
+                        "must not contain NUL characters",
+                    ));
+                }
+                Some(s)
+            }
+            Some(_) => return Err(ApiError::validation("description", "must be a string")),
+        };
+
+        let metadata = match obj.remove("metadata") {
+            None | Some(Value::Null) => Value::Object(Map::new()),
+            Some(v @ Value::Object(_)) => {
+                if has_nul(&v) {
+                    return Err(ApiError::validation(
+                        "metadata",
+                        "must not contain NUL characters",
+                    ));
+                }
+                if serde_json::to_vec(&v)
+                    .map(|b| b.len())
+                    .unwrap_or(usize::MAX)
+                    > MAX_METADATA_BYTES
+                {
+                    return Err(ApiError::validation(
+                        "metadata",
+                        format!("must be at most {MAX_METADATA_BYTES} bytes as JSON"),
+                    ));
+                }
+                v
+            }
+            Some(_) => return Err(ApiError::validation("metadata", "must be a JSON object")),
+        };
+
+        let webhook_url = match obj.remove("webhook_url") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(normalize_webhook_url(&s)?),
+            Some(_) => return Err(ApiError::validation("webhook_url", "must be a string")),
+        };
+
+        Ok(PaymentRequest {
+            amount,
+            currency,
+            description,
+            metadata,
+            webhook_url,
+        })
+    }
+
+    /// SHA-256 of the request's meaning: equal amounts, equal URLs and equal metadata (whatever
+    /// the key order or number spelling) give the same fingerprint.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut canon = String::new();
+        canon.push_str(&domain::format_amount(self.amount));
+        canon.push('\n');
+        canon.push_str(self.currency.as_str());
+        canon.push('\n');
+        canonical_json(&serde_json::json!(self.description), &mut canon);
+        canon.push('\n');
+        canonical_json(&self.metadata, &mut canon);
+        canon.push('\n');
+        canonical_json(&serde_json::json!(self.webhook_url), &mut canon);
+        Sha256::digest(canon.as_bytes()).into()
+    }
+}
+
+fn has_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(a) => a.iter().any(has_nul),
+        Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// Writes JSON with object keys sorted and numbers in their shortest exact form.
+fn canonical_json(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(o) => {
+            let mut entries: Vec<_> = o.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical_json(v, out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, v) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(v, out);
+            }
+            out.push(']');
+        }
+        Value::Number(n) => {
+            let text = n.to_string();
+            match Decimal::from_scientific(&text).or_else(|_| Decimal::from_str_exact(&text)) {
+                Ok(d) => out.push_str(&d.normalize().to_string()),
+                Err(_) => out.push_str(&text),
+            }
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// An absolute http(s) URL, normalised.
+fn normalize_webhook_url(raw: &str) -> Result<String, ApiError> {
+    let invalid = |why: &str| ApiError::validation("webhook_url", why.to_string());
+    if raw.len() > MAX_WEBHOOK_URL_LEN {
+        return Err(invalid("must be at most 2048 characters"));
+    }
+    if raw.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        return Err(invalid("must not contain spaces or control characters"));
+    }
+    let url = url::Url::parse(raw).map_err(|_| invalid("must be an absolute http or https URL"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(invalid("must be an absolute http or https URL"));
+    }
+    let normalized = url.to_string();
+    if normalized.len() > MAX_WEBHOOK_URL_LEN {
+        return Err(invalid("must be at most 2048 characters"));
+    }
+    Ok(normalized)
+}
+
+fn idempotency_key(req: &HttpRequest) -> Result<String, ApiError> {
+    let missing = || {
+        ApiError::BadRequest(
+            "missing_idempotency_key",
+            "the Idempotency-Key header is required".into(),
+        )
+    };
+    let raw = req.headers().get("Idempotency-Key").ok_or_else(missing)?;
+    let key = std::str::from_utf8(raw.as_bytes()).map_err(|_| {
+        ApiError::BadRequest(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be UTF-8 text".into(),
+        )
+    })?;
+    if key.trim().is_empty() {
+        return Err(missing());
+    }
+    if key.chars().count() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(ApiError::BadRequest(
+            "invalid_idempotency_key",
+            format!("Idempotency-Key must be at most {MAX_IDEMPOTENCY_KEY_LEN} characters"),
+        ));
+    }
+    if key.contains(|c: char| c.is_control()) {
+        return Err(ApiError::BadRequest(
+            "invalid_idempotency_key",
+            "Idempotency-Key must not contain control characters".into(),
+        ));
+    }
+    Ok(key.to_string())
+}
+
+/// JSON is required; a missing Content-Type is tolerated (curl -d without -H).
+fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
+    let Some(ct) = req.headers().get(CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct CreatedOut {
+    pub payment_id: Uuid,
+    pub status: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PaymentOut {
+    pub id: Uuid,
+    pub amount: String,
+    pub currency: String,
+    pub description: Option<String>,
+    pub metadata: Value,
+    pub status: String,
+    pub idempotency_key: String,
+    pub webhook_url: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub processed_at: Option<OffsetDateTime>,
+}
+
+impl From<Payment> for PaymentOut {
+    fn from(p: Payment) -> Self {
+        PaymentOut {
+            id: p.id,
+            amount: domain::format_amount(p.amount),
+            currency: p.currency,
+            description: p.description,
+            metadata: p.metadata,
+            status: p.status,
+            idempotency_key: p.idempotency_key,
+            webhook_url: p.webhook_url,
+            created_at: p.created_at,
+            processed_at: p.processed_at,
+        }
+    }
+}
+
+enum Created {
+    New(Payment),
+    Replayed(Payment),
+}
+
+/// Maps a CHECK violation to the field it guards: the database has the last word on every rule.
+fn constraint_error(e: &DieselError) -> Option<ApiError> {
+    let DieselError::DatabaseError(DatabaseErrorKind::CheckViolation, info) = e else {
+        return None;
+    };
+    let field = match info.constraint_name()? {
+        "payments_amount_check" => "amount",
+        "payments_currency_check" => "currency",
+        "payments_description_check" => "description",
+        "payments_metadata_check" => "metadata",
+        "payments_webhook_url_check" => "webhook_url",
+        "payments_idempotency_key_check" => "idempotency_key",
+        _ => return None,
+    };
+    Some(ApiError::validation(
+        field,
+        "is not accepted by the database's rules",
+    ))
+}
+
+pub async fn create(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let merchant = authenticate(&req, &state)?;
+    let key = idempotency_key(&req)?;
+    check_content_type(&req)?;
+    let body = read_body(&req, payload, state.max_body).await?;
+    let input = PaymentRequest::parse(&body)?;
+    let fingerprint = input.fingerprint();
+    let new = NewPayment {
+        id: Uuid::now_v7(),
+        merchant: &merchant,
+        amount: input.amount,
+        currency: input.currency.as_str(),
+        description: input.description.as_deref(),
+        metadata: &input.metadata,
+        idempotency_key: &key,
+        request_fingerprint: &fingerprint,
+        webhook_url: input.webhook_url.as_deref(),
+    };
+    let outcome = db::with_timeout(state.db_deadline, async {
+        let mut conn = db::conn(&state.pool).await?;
+        match payments_db::insert_with_event(&mut conn, &new).await {
+            Ok(Some(p)) => return Ok(Ok(Created::New(p))),
+            Ok(None) => {}
+            Err(e) => {
+                return constraint_error(&e)
+                    .map(Err)
+                    .ok_or_else(|| DbError::from(e));
+            }
+        }
+        match payments_db::find_by_idempotency_key(&mut conn, &merchant, &key).await? {
+            Some(p) if p.request_fingerprint == fingerprint => Ok(Ok(Created::Replayed(p))),
+            Some(_) => Ok(Err(ApiError::IdempotencyConflict)),
+            None => Err(DbError::Other(anyhow::anyhow!(
+                "idempotency key conflicted but no payment holds it"
+            ))),
+        }
+    })
+    .await??;
+    let (payment, replayed) = match outcome {
+        Created::New(p) => {
+            log::info!(
+                "payment {} created for merchant {} ({} {})",
+                p.id,
+                merchant,
+                domain::format_amount(p.amount),
+                p.currency
+            );
+            (p, false)
+        }
+        Created::Replayed(p) => {
+            log::info!(
+                "payment {} replayed for idempotency key of merchant {}",
+                p.id,
+                merchant
+            );
+            (p, true)
+        }
+    };
+    let mut resp = HttpResponse::Accepted();
+    resp.insert_header((LOCATION, format!("/api/v1/payments/{}", payment.id)));
+    if replayed {
+        resp.insert_header(("Idempotent-Replayed", "true"));
+    }
+    Ok(resp.json(CreatedOut {
+        payment_id: payment.id,
+        status: payment.status,
+        created_at: payment.created_at,
+    }))
+}
+
+pub async fn get(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let merchant = authenticate(&req, &state)?;
+    let id = Uuid::parse_str(&path.into_inner()).map_err(|_| ApiError::NotFound("payment"))?;
+    let payment = db::with_timeout(state.db_deadline, async {
+        let mut conn = db::conn(&state.pool).await?;
+        Ok(payments_db::find_for_merchant(&mut conn, id, &merchant).await?)
+    })
+    .await?
+    .ok_or(ApiError::NotFound("payment"))?;
+    Ok(HttpResponse::Ok().json(PaymentOut::from(payment)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<PaymentRequest, ApiError> {
+        PaymentRequest::parse(body.as_bytes())
+    }
+
+    fn field_of(body: &str) -> String {
+        match parse(body) {
+            Err(ApiError::Validation { field, .. }) => field,
+            other => panic!("expected a validation error for {body}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_amount_as_string_or_exact_number() {
+        let a = parse(r#"{"amount": "100.50", "currency": "RUB"}"#).unwrap();
+        let b = parse(r#"{"amount": 100.5, "currency": "RUB"}"#).unwrap();
+        assert_eq!(a.amount, b.amount);
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        let big = parse(r#"{"amount": 1234567890123456.78, "currency": "USD"}"#).unwrap();
+        assert_eq!(domain::format_amount(big.amount), "1234567890123456.78");
+    }
+
+    #[test]
+    fn every_rule_names_its_field() {
+        assert_eq!(field_of(r#"{"amount": "0", "currency": "RUB"}"#), "amount");
+        assert_eq!(
+            field_of(r#"{"amount": "1.001", "currency": "RUB"}"#),
+            "amount"
+        );
+        assert_eq!(
+            field_of(r#"{"amount": "12345678901234567", "currency": "RUB"}"#),
+            "amount"
+        );
+        assert_eq!(field_of(r#"{"amount": true, "currency": "RUB"}"#), "amount");
+        assert_eq!(field_of(r#"{"currency": "RUB"}"#), "amount");
+        assert_eq!(
+            field_of(r#"{"amount": "1", "currency": "GBP"}"#),
+            "currency"
+        );
+        assert_eq!(field_of(r#"{"amount": "1"}"#), "currency");
+        assert_eq!(
+            field_of(r#"{"amount": "1", "currency": "RUB", "colour": "red"}"#),
+            "colour"
+        );
+        assert_eq!(
+            field_of(r#"{"amount": "1", "currency": "RUB", "metadata": [1]}"#),
+            "metadata"
+        );
+        let big_meta = format!(
+            r#"{{"amount": "1", "currency": "RUB", "metadata": {{"k": "{}"}}}}"#,
+            "x".repeat(16 * 1024)
+        );
+        assert_eq!(field_of(&big_meta), "metadata");
+        let long_desc = format!(
+            r#"{{"amount": "1", "currency": "RUB", "description": "{}"}}"#,
+            "é".repeat(1001)
+        );
+        assert_eq!(field_of(&long_desc), "description");
+        let ok_desc = format!(
+            r#"{{"amount": "1", "currency": "RUB", "description": "{}"}}"#,
+            "é".repeat(1000)
+        );
+        assert!(
+            parse(&ok_desc).is_ok(),
+            "1000 characters (2000 bytes) is allowed"
+        );
+        assert_eq!(
+            field_of(r#"{"amount": "1", "currency": "RUB", "description": "a\u0000b"}"#),
+            "description"
+        );
+        for url in [
+            "ftp://example.com/",
+            "/relative",
+            "https://",
+            "not a url",
+            "mailto:a@b.c",
+        ] {
+            let body = format!(r#"{{"amount": "1", "currency": "RUB", "webhook_url": "{url}"}}"#);
+            assert_eq!(field_of(&body), "webhook_url", "{url}");
+        }
+        let long_url = format!(
+            r#"{{"amount": "1", "currency": "RUB", "webhook_url": "https://e.com/{}"}}"#,
+            "a".repeat(2040)
+        );
+        assert_eq!(field_of(&long_url), "webhook_url");
+        assert_eq!(field_of("[1, 2]"), "body");
+    }
+
+    #[test]
+    fn malformed_json_is_not_a_validation_error() {
+        for body in ["", "{", "{\"amount\": }", "nope", "{\"a\":1} trailing"] {
+            assert!(
+                matches!(parse(body), Err(ApiError::MalformedJson(_))),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn fingerprint_compares_meaning_not_bytes() {
+        let a = parse(r#"{"amount": "100.5", "currency": "RUB", "metadata": {"a": 1, "b": {"x": 2, "y": 3}}, "webhook_url": "https://example.com"}"#).unwrap();
+        let b = parse(r#"{"webhook_url": "https://EXAMPLE.com/", "metadata": {"b": {"y": 3, "x": 2.0}, "a": 1}, "currency": "RUB", "amount": 100.50}"#).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        let c = parse(r#"{"amount": "100.51", "currency": "RUB", "metadata": {"a": 1, "b": {"x": 2, "y": 3}}, "webhook_url": "https://example.com"}"#).unwrap();
+        assert_ne!(a.fingerprint(), c.fingerprint());
+        let d = parse(r#"{"amount": "100.5", "currency": "RUB", "metadata": {"a": "1", "b": {"x": 2, "y": 3}}, "webhook_url": "https://example.com"}"#).unwrap();
+        assert_ne!(
+            a.fingerprint(),
+            d.fingerprint(),
+            "the string \"1\" is not the number 1"
+        );
+        let e = parse(r#"{"amount": "100.5", "currency": "RUB", "description": null}"#).unwrap();
+        let f = parse(r#"{"amount": "100.5", "currency": "RUB", "metadata": {}}"#).unwrap();
+        assert_eq!(
+            e.fingerprint(),
+            f.fingerprint(),
+            "absent, null and empty are the same"
+        );
+    }
+}

@@ -1,0 +1,533 @@
+//! Settings: `config.example.toml` is the documented, compiled-in default; a file given with
+//! `--config` (or `ASYNC_PAY_CONFIG`) is merged over it, then `DATABASE_URL` / `AMQP_URL`, then
+//! `ASYNC_PAY__<SECTION>__<KEY>` environment variables. Unknown keys are an error naming the key.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+/// The documented defaults, compiled in.
+pub const DEFAULT_TOML: &str = include_str!("../config.example.toml");
+
+/// Prefix of the environment variables that override single settings.
+const ENV_PREFIX: &str = "ASYNC_PAY__";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub merchants: Vec<MerchantSettings>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub bind: String,
+    pub workers: usize,
+    pub max_body: ByteSize,
+    #[serde(with = "duration_str")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: Secret,
+    pub pool_size: usize,
+    #[serde(with = "duration_str")]
+    pub acquire_timeout: Duration,
+    #[serde(with = "duration_str")]
+    pub query_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MerchantSettings {
+    pub name: String,
+    pub api_key: Secret,
+    pub webhook_secret: Secret,
+}
+
+/// A string that must never be printed: its `Debug` and `Display` are redacted.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself. Call sites are easy to audit with a search for `expose`.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// A byte count written as "512B", "64KiB", "1MiB" (or a bare integer of bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: expected e.g. \"64KiB\""))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" | "K" | "KB" | "kB" => 1024,
+            "MiB" | "M" | "MB" => 1024 * 1024,
+            "GiB" | "G" | "GB" => 1024 * 1024 * 1024,
+            other => {
+                return Err(format!(
+                    "invalid size unit {other:?} in {s:?}: use B, KiB, MiB or GiB"
+                ));
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size {s:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        if n > 0 && n.is_multiple_of(1024 * 1024) {
+            write!(f, "{}MiB", n / (1024 * 1024))
+        } else if n > 0 && n.is_multiple_of(1024) {
+            write!(f, "{}KiB", n / 1024)
+        } else {
+            write!(f, "{n}B")
+        }
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Durations as human strings: "250ms", "2s", "5m", "7d".
+pub mod duration_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        humantime::parse_duration(s.trim()).map_err(|e| {
+            format!("invalid duration {s:?} ({e}): expected e.g. \"250ms\", \"2s\", \"5m\"")
+        })
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A list of durations, e.g. `["1s", "2s"]`.
+pub mod duration_list {
+    use std::time::Duration;
+
+    use serde::ser::SerializeSeq;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for d in v {
+            seq.serialize_element(&humantime::format_duration(*d).to_string())?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| super::duration_str::parse(s).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
+impl Settings {
+    /// Loads the settings the way every role does: defaults, file, environment.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        Self::load_from(path, std::env::vars())
+    }
+
+    /// Like [`Settings::load`] with an explicit environment (tests).
+    pub fn load_from(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<Self> {
+        let defaults: toml::Table =
+            toml::from_str(DEFAULT_TOML).context("the built-in config.example.toml is invalid")?;
+        let mut merged = defaults.clone();
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            let file: toml::Table = toml::from_str(&text)
+                .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+            merge(&mut merged, file);
+        }
+        let env: HashMap<String, String> = env.into_iter().collect();
+        for (shorthand, section) in [("DATABASE_URL", "database"), ("AMQP_URL", "amqp")] {
+            if let Some(v) = env.get(shorthand).filter(|v| !v.is_empty())
+                && defaults.contains_key(section)
+            {
+                set_path(
+                    &mut merged,
+                    &[section.to_string(), "url".to_string()],
+                    toml::Value::String(v.clone()),
+                );
+            }
+        }
+        let mut overrides: Vec<(&String, &String)> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        overrides.sort();
+        for (key, raw) in overrides {
+            let path: Vec<String> = key[ENV_PREFIX.len()..]
+                .split("__")
+                .map(str::to_ascii_lowercase)
+                .collect();
+            if path.iter().any(String::is_empty) {
+                bail!("environment variable {key}: empty section or key name");
+            }
+            let value = env_value(lookup(&defaults, &path), raw);
+            set_path(&mut merged, &path, value);
+        }
+        Self::from_table(merged)
+    }
+
+    /// Deserializes a merged table, naming the offending key on error, then validates.
+    pub fn from_table(table: toml::Table) -> anyhow::Result<Self> {
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                anyhow::anyhow!("invalid configuration at `{}`: {}", e.path(), e.inner())
+            })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks the rules that types cannot express.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.database.pool_size == 0 {
+            bail!("invalid configuration at `database.pool_size`: must be at least 1");
+        }
+        if self.server.max_body.0 == 0 {
+            bail!("invalid configuration at `server.max_body`: must be more than 0 bytes");
+        }
+        if self.merchants.is_empty() {
+            bail!("invalid configuration at `merchants`: at least one merchant is needed");
+        }
+        let mut keys = std::collections::HashSet::new();
+        let mut secrets: HashMap<&str, &Secret> = HashMap::new();
+        for (i, m) in self.merchants.iter().enumerate() {
+            let at = format!("merchants[{i}]");
+            if m.name.trim().is_empty() {
+                bail!("invalid configuration at `{at}.name`: must not be empty");
+            }
+            if m.api_key.expose().is_empty() {
+                bail!("invalid configuration at `{at}.api_key`: must not be empty");
+            }
+            if !keys.insert(m.api_key.expose()) {
+                bail!("invalid configuration at `{at}.api_key`: the same key is configured twice");
+            }
+            crate::webhook::secret_key(&m.webhook_secret).map_err(|e| {
+                anyhow::anyhow!("invalid configuration at `{at}.webhook_secret`: {e}")
+            })?;
+            if let Some(other) = secrets.insert(&m.name, &m.webhook_secret)
+                && other != &m.webhook_secret
+            {
+                bail!(
+                    "invalid configuration at `{at}.webhook_secret`: entries of merchant {:?} must share one webhook secret",
+                    m.name
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deep-merges `over` into `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn lookup<'a>(table: &'a toml::Table, path: &[String]) -> Option<&'a toml::Value> {
+    let (first, rest) = path.split_first()?;
+    let v = table.get(first)?;
+    if rest.is_empty() {
+        return Some(v);
+    }
+    match v {
+        toml::Value::Table(t) => lookup(t, rest),
+        _ => None,
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let Some((first, rest)) = path.split_first() else {
+        return;
+    };
+    if rest.is_empty() {
+        table.insert(first.clone(), value);
+        return;
+    }
+    let entry = table
+        .entry(first.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if !entry.is_table() {
+        *entry = toml::Value::Table(toml::Table::new());
+    }
+    if let toml::Value::Table(t) = entry {
+        set_path(t, rest, value);
+    }
+}
+
+/// An environment value is taken as a plain string where the default is a string (so an API key
+/// of digits stays a string), and parsed as a TOML value otherwise (numbers, booleans, lists).
+fn env_value(default: Option<&toml::Value>, raw: &str) -> toml::Value {
+    if matches!(default, Some(toml::Value::String(_))) {
+        return toml::Value::String(raw.to_string());
+    }
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+/// A connection URL with its password replaced, for log lines and error messages.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable url>".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_env(vars: &[(&str, &str)]) -> anyhow::Result<Settings> {
+        Settings::load_from(
+            None,
+            vars.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    /// Collects the dotted key paths of a table (array-of-tables entries share one path).
+    fn key_paths(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeSet<String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    out.insert(p.clone());
+                    key_paths(&p, v, out);
+                }
+            }
+            toml::Value::Array(a) if a.iter().all(toml::Value::is_table) => {
+                for v in a {
+                    key_paths(prefix, v, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn example_file_and_settings_struct_have_the_same_keys() {
+        let example: toml::Value = toml::from_str(DEFAULT_TOML).unwrap();
+        let settings = load_env(&[]).unwrap();
+        let round_trip = toml::Value::try_from(&settings).unwrap();
+        let (mut a, mut b) = (Default::default(), Default::default());
+        key_paths("", &example, &mut a);
+        key_paths("", &round_trip, &mut b);
+        assert_eq!(a, b, "config.example.toml and Settings disagree");
+        // And each documented default reads back as itself.
+        let again: Settings =
+            Settings::from_table(round_trip.as_table().cloned().unwrap_or_default()).unwrap();
+        assert_eq!(format!("{again:?}"), format!("{settings:?}"));
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let s = load_env(&[]).unwrap();
+        assert_eq!(s.server.bind, "127.0.0.1:8000");
+        assert_eq!(s.server.max_body, ByteSize(64 * 1024));
+        assert_eq!(s.database.pool_size, 16);
+        assert_eq!(s.database.acquire_timeout, Duration::from_secs(2));
+        assert_eq!(s.merchants[0].name, "demo");
+    }
+
+    #[test]
+    fn environment_overrides_file_and_shorthands() {
+        let s = load_env(&[
+            ("DATABASE_URL", "postgres://a@h/x"),
+            ("ASYNC_PAY__DATABASE__POOL_SIZE", "3"),
+            ("ASYNC_PAY__SERVER__ACQUIRE", "x"),
+        ]);
+        let err = format!("{:#}", s.err().map(|e| e.to_string()).unwrap_or_default());
+        assert!(
+            err.contains("server.acquire"),
+            "unknown env key must be named: {err}"
+        );
+
+        let s = load_env(&[
+            ("DATABASE_URL", "postgres://a@h/x"),
+            ("ASYNC_PAY__DATABASE__POOL_SIZE", "3"),
+        ])
+        .unwrap();
+        assert_eq!(s.database.url.expose(), "postgres://a@h/x");
+        assert_eq!(s.database.pool_size, 3);
+
+        let s = load_env(&[
+            ("DATABASE_URL", "postgres://a@h/x"),
+            ("ASYNC_PAY__DATABASE__URL", "postgres://b@h/y"),
+            ("ASYNC_PAY__MERCHANTS__0", "ignored"),
+        ]);
+        assert!(
+            s.is_err(),
+            "a scalar where the merchants list belongs is an error"
+        );
+
+        let s = load_env(&[
+            ("ASYNC_PAY__DATABASE__URL", "postgres://b@h/y"),
+            ("ASYNC_PAY__SERVER__MAX_BODY", "1MiB"),
+            (
+                "ASYNC_PAY__MERCHANTS",
+                r#"[{name = "m", api_key = "12345", webhook_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}]"#,
+            ),
+        ])
+        .unwrap();
+        assert_eq!(s.database.url.expose(), "postgres://b@h/y");
+        assert_eq!(s.server.max_body, ByteSize(1024 * 1024));
+        assert_eq!(s.merchants.len(), 1);
+        assert_eq!(s.merchants[0].api_key.expose(), "12345");
+    }
+
+    #[test]
+    fn file_layer_and_unknown_keys() {
+        let dir = std::env::temp_dir().join(format!("async-pay-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(
+            &good,
+            "[server]\nbind = \"0.0.0.0:9000\"\n[database]\nacquire_timeout = \"250ms\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(&good), Vec::new()).unwrap();
+        assert_eq!(s.server.bind, "0.0.0.0:9000");
+        assert_eq!(s.database.acquire_timeout, Duration::from_millis(250));
+        assert_eq!(s.database.pool_size, 16, "unset keys keep their defaults");
+
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "[database]\npool_sise = 3\n").unwrap();
+        let err = Settings::load_from(Some(&bad), Vec::new())
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(err.contains("database.pool_sise"), "{err}");
+
+        let dur = dir.join("dur.toml");
+        std::fs::write(&dur, "[database]\nacquire_timeout = \"soon\"\n").unwrap();
+        let err = Settings::load_from(Some(&dur), Vec::new())
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(err.contains("database.acquire_timeout"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let s = load_env(&[("ASYNC_PAY__DATABASE__URL", "postgres://u:hunter2@h/db")]).unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("secret-api-key"));
+        assert!(!dbg.contains("hunter2"));
+        assert!(!dbg.contains(s.merchants[0].webhook_secret.expose()));
+        assert_eq!(redact_url(s.database.url.expose()), "postgres://u:***@h/db");
+    }
+
+    #[test]
+    fn merchants_sharing_a_name_must_share_a_secret_and_keys_are_unique() {
+        let two = |k2: &str, s2: &str| {
+            load_env(&[(
+                "ASYNC_PAY__MERCHANTS",
+                &format!(
+                    r#"[{{name = "m", api_key = "k1", webhook_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}},
+                       {{name = "m", api_key = "{k2}", webhook_secret = "{s2}"}}]"#
+                ),
+            )])
+        };
+        assert!(two("k2", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_ok());
+        assert!(two("k1", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
+        assert!(two("k2", "whsec_5FXVJnDsZtZr1/Khk2JT33r5q9dF2GBAPID525tBOoU=").is_err());
+        assert!(two("k2", "not-a-secret").is_err());
+    }
+
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!(ByteSize::parse("64KiB"), Ok(ByteSize(65536)));
+        assert_eq!(ByteSize::parse("10"), Ok(ByteSize(10)));
+        assert!(ByteSize::parse("64XB").is_err());
+        assert_eq!(ByteSize(65536).to_string(), "64KiB");
+    }
+}

@@ -1,0 +1,117 @@
+//! The `payments` table.
+
+use diesel::prelude::*;
+use diesel::sql_types;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use rust_decimal::Decimal;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::schema::payments;
+
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
+#[diesel(table_name = payments, check_for_backend(diesel::pg::Pg))]
+pub struct Payment {
+    pub id: Uuid,
+    pub merchant: String,
+    pub amount: Decimal,
+    pub currency: String,
+    pub description: Option<String>,
+    pub metadata: serde_json::Value,
+    pub status: String,
+    pub idempotency_key: String,
+    pub request_fingerprint: Vec<u8>,
+    pub webhook_url: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub processed_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewPayment<'a> {
+    pub id: Uuid,
+    pub merchant: &'a str,
+    pub amount: Decimal,
+    pub currency: &'a str,
+    pub description: Option<&'a str>,
+    pub metadata: &'a serde_json::Value,
+    pub idempotency_key: &'a str,
+    pub request_fingerprint: &'a [u8],
+    pub webhook_url: Option<&'a str>,
+}
+
+/// Event type of the outbox row written with every new payment.
+pub const PAYMENT_CREATED: &str = "payment.created";
+
+/// Inserts the payment and its `payment.created` outbox row in ONE statement (so one round trip
+/// and one implicit transaction: both rows or neither). Returns `None` when the merchant already
+/// has a payment with this idempotency key; no outbox row is written then. Concurrent requests
+/// with the same key wait on the unique index and get `None`, never an error.
+pub async fn insert_with_event(
+    conn: &mut AsyncPgConnection,
+    new: &NewPayment<'_>,
+) -> QueryResult<Option<Payment>> {
+    diesel::sql_query(
+        "WITH p AS ( \
+             INSERT INTO payments (id, merchant, amount, currency, description, metadata, \
+                                   idempotency_key, request_fingerprint, webhook_url) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT (merchant, idempotency_key) DO NOTHING \
+             RETURNING * \
+         ), o AS ( \
+             INSERT INTO outbox (event_type, payload) \
+             SELECT $10, jsonb_build_object('payment_id', p.id) FROM p \
+         ) \
+         SELECT * FROM p",
+    )
+    .bind::<sql_types::Uuid, _>(new.id)
+    .bind::<sql_types::Text, _>(new.merchant)
+    .bind::<sql_types::Numeric, _>(new.amount)
+    .bind::<sql_types::Text, _>(new.currency)
+    .bind::<sql_types::Nullable<sql_types::Text>, _>(new.description)
+    .bind::<sql_types::Jsonb, _>(new.metadata)
+    .bind::<sql_types::Text, _>(new.idempotency_key)
+    .bind::<sql_types::Bytea, _>(new.request_fingerprint)
+    .bind::<sql_types::Nullable<sql_types::Text>, _>(new.webhook_url)
+    .bind::<sql_types::Text, _>(PAYMENT_CREATED)
+    .get_result(conn)
+    .await
+    .optional()
+}
+
+pub async fn find_by_idempotency_key(
+    conn: &mut AsyncPgConnection,
+    merchant: &str,
+    key: &str,
+) -> QueryResult<Option<Payment>> {
+    payments::table
+        .filter(payments::merchant.eq(merchant))
+        .filter(payments::idempotency_key.eq(key))
+        .select(Payment::as_select())
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// A payment by id, only if it belongs to `merchant` (another merchant's payment is "not found").
+pub async fn find_for_merchant(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    merchant: &str,
+) -> QueryResult<Option<Payment>> {
+    payments::table
+        .filter(payments::id.eq(id))
+        .filter(payments::merchant.eq(merchant))
+        .select(Payment::as_select())
+        .first(conn)
+        .await
+        .optional()
+}
+
+pub async fn find(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Option<Payment>> {
+    payments::table
+        .find(id)
+        .select(Payment::as_select())
+        .first(conn)
+        .await
+        .optional()
+}

@@ -1,0 +1,61 @@
+//! `async-pay serve`: the HTTP API.
+//!
+//! Applies pending migrations, then answers requests until SIGTERM/SIGINT, after which in-flight
+//! requests get `server.shutdown_timeout` to finish. It never talks to RabbitMQ: a payment and
+//! its event are committed together and the relay moves the event. While the database is down,
+//! requests answer 503 after at most `database.acquire_timeout` + `database.query_timeout`, and
+//! the pool reconnects by itself when the database is back.
+
+use std::net::{SocketAddr, TcpListener};
+
+use actix_web::middleware::Logger;
+use actix_web::{App, HttpServer, web};
+use anyhow::Context;
+
+use crate::api::{self, AppState};
+use crate::config::{Settings, redact_url};
+use crate::db;
+
+/// A server bound to its address but not yet awaited (tests spawn it and use `addr`).
+pub struct Started {
+    pub server: actix_web::dev::Server,
+    pub addr: SocketAddr,
+}
+
+/// Binds the listener (so the port is known before anything runs) and builds the server.
+pub fn start(settings: &Settings) -> anyhow::Result<Started> {
+    let pool = db::pool(&settings.database)?;
+    let state = web::Data::new(AppState::new(settings, pool));
+    let listener = TcpListener::bind(&settings.server.bind)
+        .with_context(|| format!("cannot listen on {}", settings.server.bind))?;
+    let addr = listener.local_addr()?;
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            // Method, path, status, size, duration: never headers (API keys) or bodies.
+            .wrap(Logger::new(r#"%a "%r" %s %b %Dms"#))
+            .configure(api::routes)
+    })
+    .shutdown_timeout(settings.server.shutdown_timeout.as_secs().max(1))
+    .listen(listener)?;
+    if settings.server.workers > 0 {
+        server = server.workers(settings.server.workers);
+    }
+    Ok(Started {
+        server: server.run(),
+        addr,
+    })
+}
+
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let url = settings.database.url.expose();
+    let applied = db::migrate(url)
+        .await
+        .with_context(|| format!("cannot prepare the database at {}", redact_url(url)))?;
+    for m in &applied {
+        log::info!("applied migration {m}");
+    }
+    let started = start(&settings)?;
+    log::info!("serving the API on http://{}", started.addr);
+    started.server.await.context("the HTTP server failed")
+}

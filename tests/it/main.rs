@@ -1,0 +1,13 @@
+//! One integration-test binary. Every test talks to the real PostgreSQL (and, for the pipeline,
+//! RabbitMQ) on this machine, in its own database and with its own queue names, removed at the end.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test that cannot set itself up should fail loudly"
+)]
+
+mod api;
+mod helpers;
+mod proxy;
+mod schema;

@@ -21,7 +21,66 @@ const ENV_PREFIX: &str = "ASYNC_PAY__";
 pub struct Settings {
     pub server: ServerSettings,
     pub database: DatabaseSettings,
+    pub amqp: AmqpSettings,
+    pub relay: RelaySettings,
+    pub consume: ConsumeSettings,
+    pub gateway: GatewaySettings,
+    pub webhook: WebhookSettings,
     pub merchants: Vec<MerchantSettings>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    pub url: Secret,
+    pub exchange: String,
+    pub queue: String,
+    pub routing_key: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub delivery_limit: u32,
+    pub prefetch: u16,
+    #[serde(with = "duration_str")]
+    pub confirm_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    #[serde(with = "duration_str")]
+    pub poll_interval: Duration,
+    pub batch_size: u32,
+    #[serde(with = "duration_str")]
+    pub retention: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumeSettings {
+    #[serde(with = "duration_str")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySettings {
+    #[serde(with = "duration_str")]
+    pub min_delay: Duration,
+    #[serde(with = "duration_str")]
+    pub max_delay: Duration,
+    pub success_rate: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    #[serde(with = "duration_str")]
+    pub timeout: Duration,
+    #[serde(with = "duration_list")]
+    pub retry_delays: Vec<Duration>,
+    pub concurrency: usize,
+    #[serde(with = "duration_str")]
+    pub poll_interval: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -257,6 +316,26 @@ impl Settings {
         }
         if self.server.max_body.0 == 0 {
             bail!("invalid configuration at `server.max_body`: must be more than 0 bytes");
+        }
+        if self.amqp.delivery_limit == 0 {
+            bail!("invalid configuration at `amqp.delivery_limit`: must be at least 1");
+        }
+        if self.amqp.prefetch == 0 {
+            bail!("invalid configuration at `amqp.prefetch`: must be at least 1");
+        }
+        if self.relay.batch_size == 0 {
+            bail!("invalid configuration at `relay.batch_size`: must be at least 1");
+        }
+        if self.gateway.min_delay > self.gateway.max_delay {
+            bail!(
+                "invalid configuration at `gateway.min_delay`: must not exceed gateway.max_delay"
+            );
+        }
+        if !(0.0..=1.0).contains(&self.gateway.success_rate) {
+            bail!("invalid configuration at `gateway.success_rate`: must be between 0 and 1");
+        }
+        if self.webhook.concurrency == 0 {
+            bail!("invalid configuration at `webhook.concurrency`: must be at least 1");
         }
         if self.merchants.is_empty() {
             bail!("invalid configuration at `merchants`: at least one merchant is needed");

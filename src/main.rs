@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use async_pay::config::{Settings, redact_url};
+use async_pay::shutdown::Shutdown;
 use async_pay::{db, roles};
 use clap::{Parser, Subcommand};
 
@@ -32,6 +33,17 @@ struct Cli {
 enum Command {
     /// Run the HTTP API (applies pending migrations first).
     Serve,
+    /// Move outbox events to RabbitMQ (wakes on NOTIFY; several relays may run at once).
+    Relay {
+        /// Publish everything unpublished, print how many, and exit (for cron). Exits non-zero
+        /// when the database or RabbitMQ is unreachable.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Process payment events through the gateway and send webhooks.
+    Consume,
+    /// Record every dead-lettered message in the dead_letters table.
+    DlqWatch,
     /// Apply pending database migrations and exit.
     Migrate,
 }
@@ -58,6 +70,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Serve => roles::serve::run(settings).await,
+            Command::Relay { once: true } => {
+                let n = roles::relay::run_once(&settings).await?;
+                println!("published {n} event(s)");
+                Ok(())
+            }
+            Command::Relay { once: false } => {
+                roles::relay::run(settings, Shutdown::on_signal()).await
+            }
+            Command::Consume => roles::consume::run(settings, Shutdown::on_signal()).await,
+            Command::DlqWatch => roles::dlq_watch::run(settings, Shutdown::on_signal()).await,
             Command::Migrate => {
                 let url = settings.database.url.expose();
                 let applied = db::migrate(url).await.with_context(|| {

@@ -7,7 +7,20 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::config::Secret;
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use tokio::task::JoinSet;
+
+use crate::config::{Secret, Settings, WebhookSettings};
+use crate::db::payments::Payment;
+use crate::db::webhooks::{self as webhooks_db, AfterAttempt, Attempt, Delivery};
+use crate::db::{self, Pool};
+use crate::domain::{self, PaymentStatus};
+use crate::shutdown::{Shutdown, backoff};
 
 const SECRET_PREFIX: &str = "whsec_";
 /// Standard Webhooks asks for 24 to 64 random bytes of key.
@@ -47,6 +60,283 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     mac.update(b".");
     mac.update(body);
     format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delivery
+
+/// First bytes of a response body kept with each attempt.
+pub const RESPONSE_BODY_LIMIT: u64 = 1024;
+/// Extra time on top of `webhook.timeout` before a claimed attempt counts as abandoned (its
+/// sender died) and the delivery is due again.
+const ATTEMPT_LEASE_MARGIN: Duration = Duration::from_secs(30);
+
+pub fn event_type(status: PaymentStatus) -> &'static str {
+    match status {
+        PaymentStatus::Succeeded => "payment.succeeded",
+        PaymentStatus::Failed => "payment.failed",
+        PaymentStatus::Pending => "payment.pending",
+    }
+}
+
+/// The webhook body for a final payment. `payment_id`, `status` and `processed_at` are the
+/// original service's fields, with the same values `GET` shows.
+pub fn payload(p: &Payment) -> serde_json::Value {
+    let status = p
+        .status
+        .parse::<PaymentStatus>()
+        .unwrap_or(PaymentStatus::Pending);
+    let processed_at = p.processed_at.and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    });
+    serde_json::json!({
+        "type": event_type(status),
+        "payment_id": p.id,
+        "status": p.status,
+        "processed_at": processed_at,
+        "amount": domain::format_amount(p.amount),
+        "currency": p.currency,
+        "metadata": p.metadata,
+    })
+}
+
+/// The `webhook-signature` header value: one `v1,…` per key, space-separated.
+pub fn signature_header(keys: &[Vec<u8>], id: &str, timestamp: i64, body: &[u8]) -> String {
+    keys.iter()
+        .map(|k| sign(k, id, timestamp, body))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What the sender decides after an attempt.
+pub fn after_attempt(
+    attempt: i32,
+    status: Option<u16>,
+    delays: &[Duration],
+    now: OffsetDateTime,
+) -> AfterAttempt {
+    match status {
+        Some(s) if (200..300).contains(&s) => AfterAttempt::Delivered,
+        Some(410) => AfterAttempt::Failed,
+        _ => match usize::try_from(attempt - 1)
+            .ok()
+            .and_then(|i| delays.get(i))
+        {
+            Some(d) => AfterAttempt::RetryAt(now + jitter(*d)),
+            None => AfterAttempt::Failed,
+        },
+    }
+}
+
+/// +-20 % so that many deliveries failing together do not retry together.
+pub fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.8 + 0.4 * fastrand::f64())
+}
+
+/// Sends due webhook deliveries, `webhook.concurrency` at a time.
+pub struct Sender {
+    pool: Pool,
+    agent: ureq::Agent,
+    settings: WebhookSettings,
+    /// Signing keys per merchant, current first.
+    keys: HashMap<String, Vec<Vec<u8>>>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl Sender {
+    pub fn new(
+        settings: &Settings,
+        pool: Pool,
+        wake: Arc<tokio::sync::Notify>,
+    ) -> anyhow::Result<Sender> {
+        let mut keys: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+        for m in &settings.merchants {
+            let entry = keys.entry(m.name.clone()).or_default();
+            if entry.is_empty() {
+                entry.push(
+                    secret_key(&m.webhook_secret)
+                        .map_err(|e| anyhow::anyhow!("merchant {}: {e}", m.name))?,
+                );
+            }
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(settings.webhook.timeout))
+            .http_status_as_error(false)
+            // A redirect is a failed attempt: following it could lead anywhere.
+            .max_redirects(0)
+            .max_redirects_will_error(false)
+            .user_agent("async-pay-webhooks/1")
+            .build()
+            .into();
+        Ok(Sender {
+            pool,
+            agent,
+            settings: settings.webhook.clone(),
+            keys,
+            wake,
+        })
+    }
+
+    /// How long a claimed attempt may run before another sender may take the delivery over.
+    fn lease(&self) -> Duration {
+        self.settings.timeout + ATTEMPT_LEASE_MARGIN
+    }
+
+    /// Claims up to `limit` due deliveries.
+    pub async fn claim(&self, limit: usize) -> anyhow::Result<Vec<Delivery>> {
+        let mut conn = db::conn(&self.pool).await?;
+        Ok(webhooks_db::claim_due(&mut conn, limit as i64, self.lease()).await?)
+    }
+
+    /// Makes one attempt of a claimed delivery and records it.
+    pub async fn attempt(&self, d: Delivery) {
+        let body = serde_json::to_vec(&d.payload).unwrap_or_default();
+        let id = d.id.to_string();
+        let now = OffsetDateTime::now_utc();
+        let ts = now.unix_timestamp();
+        let signature = signature_header(
+            self.keys.get(&d.merchant).map(Vec::as_slice).unwrap_or(&[]),
+            &id,
+            ts,
+            &body,
+        );
+        let agent = self.agent.clone();
+        let url = d.url.clone();
+        let started = Instant::now();
+        let sent = tokio::task::spawn_blocking(move || -> Result<(u16, String), String> {
+            let mut resp = agent
+                .post(&url)
+                .header("content-type", "application/json")
+                .header("webhook-id", &id)
+                .header("webhook-timestamp", ts.to_string())
+                .header("webhook-signature", &signature)
+                .send(&body[..])
+                .map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let mut buf = Vec::new();
+            let _ = resp
+                .body_mut()
+                .as_reader()
+                .take(RESPONSE_BODY_LIMIT)
+                .read_to_end(&mut buf);
+            Ok((status, String::from_utf8_lossy(&buf).into_owned()))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("sender task failed: {e}")));
+        let took = started.elapsed();
+        let (status, error, response_body) = match sent {
+            Ok((s, b)) => (Some(s), None, Some(b)),
+            Err(e) => (None, Some(e), None),
+        };
+        let next = after_attempt(
+            d.attempts,
+            status,
+            &self.settings.retry_delays,
+            OffsetDateTime::now_utc(),
+        );
+        let total = self.settings.retry_delays.len() + 1;
+        match (&next, status) {
+            (AfterAttempt::Delivered, Some(s)) => {
+                log::info!(
+                    "webhook {} for payment {} delivered (HTTP {s}, attempt {} of {total})",
+                    d.id,
+                    d.payment_id,
+                    d.attempts
+                )
+            }
+            _ => log::warn!(
+                "webhook {} for payment {} attempt {} of {total} failed ({}); {}",
+                d.id,
+                d.payment_id,
+                d.attempts,
+                status
+                    .map(|s| format!("HTTP {s}"))
+                    .or(error.clone())
+                    .unwrap_or_default(),
+                match next {
+                    AfterAttempt::RetryAt(at) => format!("next attempt at {at}"),
+                    _ => "giving up".to_string(),
+                }
+            ),
+        }
+        let attempt = Attempt {
+            delivery_id: d.id,
+            attempt: d.attempts,
+            attempted_at: now,
+            duration_ms: i32::try_from(took.as_millis()).unwrap_or(i32::MAX),
+            status_code: status.map(i32::from),
+            error,
+            response_body,
+        };
+        // Recording must not be lost to a database blip: retry a few times; if it still fails
+        // the claim lapses and the delivery is attempted again (at least once, never lost).
+        for i in 0..5 {
+            let recorded = async {
+                let mut conn = db::conn(&self.pool).await?;
+                webhooks_db::record_attempt(&mut conn, &attempt, next)
+                    .await
+                    .map_err(db::DbError::from)
+            }
+            .await;
+            match recorded {
+                Ok(()) => return,
+                Err(e) => {
+                    log::warn!(
+                        "webhook {}: cannot record attempt {} ({e})",
+                        d.id,
+                        d.attempts
+                    );
+                    tokio::time::sleep(backoff(i, Duration::from_secs(5))).await;
+                }
+            }
+        }
+    }
+
+    /// Claims and sends due deliveries until `shutdown`; attempts in flight finish first.
+    pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
+        let mut in_flight = JoinSet::new();
+        let mut failures = 0;
+        loop {
+            while in_flight.try_join_next().is_some() {}
+            let room = self.settings.concurrency.saturating_sub(in_flight.len());
+            let mut claimed = 0;
+            if room > 0 && !shutdown.is_triggered() {
+                match self.claim(room).await {
+                    Ok(ds) => {
+                        failures = 0;
+                        claimed = ds.len();
+                        for d in ds {
+                            let me = self.clone();
+                            in_flight.spawn(async move { me.attempt(d).await });
+                        }
+                    }
+                    Err(e) => {
+                        let wait = backoff(failures, Duration::from_secs(30));
+                        failures += 1;
+                        log::warn!(
+                            "webhook sender: cannot claim deliveries ({e:#}); retrying in {wait:?}"
+                        );
+                        if shutdown.sleep(wait).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
+            if claimed > 0 && claimed == room {
+                continue; // more may be due right now
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                _ = shutdown.wait() => break,
+            }
+        }
+        // Let attempts in flight finish and be recorded (each is bounded by webhook.timeout).
+        while in_flight.join_next().await.is_some() {}
+    }
 }
 
 #[cfg(test)]

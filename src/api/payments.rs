@@ -249,7 +249,9 @@ fn idempotency_key(req: &HttpRequest) -> Result<String, ApiError> {
     Ok(key.to_string())
 }
 
-/// JSON is required; a missing Content-Type is tolerated (curl -d without -H).
+/// The body is always read as JSON. A declared type that is clearly something else (text,
+/// multipart, XML) is refused with 415; a missing type and curl's default for `-d`
+/// (`application/x-www-form-urlencoded`) are tolerated.
 fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
     let Some(ct) = req.headers().get(CONTENT_TYPE) else {
         return Ok(());
@@ -257,6 +259,7 @@ fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
     let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
     let essence = ct.split(';').next().unwrap_or("").trim();
     if essence == "application/json"
+        || essence == "application/x-www-form-urlencoded"
         || (essence.starts_with("application/") && essence.ends_with("+json"))
     {
         Ok(())

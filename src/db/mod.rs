@@ -2,9 +2,11 @@
 //! Query functions take `&mut AsyncPgConnection` and return `QueryResult`; the caller owns the
 //! transaction.
 
+pub mod dead_letters;
 pub mod outbox;
 pub mod payments;
 pub mod schema;
+pub mod webhooks;
 
 use std::future::Future;
 use std::time::Duration;

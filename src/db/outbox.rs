@@ -25,3 +25,61 @@ pub async fn count_unpublished(conn: &mut AsyncPgConnection) -> QueryResult<i64>
         .get_result(conn)
         .await
 }
+
+/// Locks up to `limit` unpublished events, oldest first, skipping rows another relay holds.
+/// Call inside a transaction; the locks last until it ends.
+pub async fn claim_unpublished(
+    conn: &mut AsyncPgConnection,
+    limit: i64,
+) -> QueryResult<Vec<OutboxEvent>> {
+    outbox::table
+        .filter(outbox::published_at.is_null())
+        .order(outbox::id)
+        .limit(limit)
+        .for_update()
+        .skip_locked()
+        .select(OutboxEvent::as_select())
+        .load(conn)
+        .await
+}
+
+pub async fn mark_published(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryResult<usize> {
+    diesel::update(outbox::table.filter(outbox::id.eq_any(ids)))
+        .set(outbox::published_at.eq(diesel::dsl::now))
+        .execute(conn)
+        .await
+}
+
+/// Deletes up to `limit` events published before `cutoff`. Walks the primary key from the
+/// oldest id, which is where old published rows are, so it needs no index of its own.
+pub async fn delete_published_before(
+    conn: &mut AsyncPgConnection,
+    cutoff: OffsetDateTime,
+    limit: i64,
+) -> QueryResult<usize> {
+    diesel::sql_query(
+        "DELETE FROM outbox WHERE id IN ( \
+             SELECT id FROM outbox WHERE published_at IS NOT NULL AND published_at < $1 \
+             ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind::<diesel::sql_types::Timestamptz, _>(cutoff)
+    .bind::<diesel::sql_types::BigInt, _>(limit)
+    .execute(conn)
+    .await
+}
+
+/// Writes an event; it is published after the caller's transaction commits.
+pub async fn insert(
+    conn: &mut AsyncPgConnection,
+    event_type: &str,
+    payload: &serde_json::Value,
+) -> QueryResult<i64> {
+    diesel::insert_into(outbox::table)
+        .values((
+            outbox::event_type.eq(event_type),
+            outbox::payload.eq(payload),
+        ))
+        .returning(outbox::id)
+        .get_result(conn)
+        .await
+}

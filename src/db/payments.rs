@@ -115,3 +115,85 @@ pub async fn find(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Option<
         .await
         .optional()
 }
+
+/// Claims a pending payment for `lease` under `token`, unless another live claim holds it.
+/// `None`: unknown, already final, or claimed by someone else (see [`claim_state`]).
+pub async fn claim(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    token: Uuid,
+    lease: std::time::Duration,
+) -> QueryResult<Option<Payment>> {
+    diesel::sql_query(
+        "UPDATE payments SET claim_token = $2, claimed_until = now() + $3 * interval '1 millisecond' \
+         WHERE id = $1 AND status = 'pending' AND (claimed_until IS NULL OR claimed_until < now()) \
+         RETURNING *",
+    )
+    .bind::<sql_types::Uuid, _>(id)
+    .bind::<sql_types::Uuid, _>(token)
+    .bind::<sql_types::BigInt, _>(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
+    .get_result(conn)
+    .await
+    .optional()
+}
+
+/// Where a payment stands for a consumer that could not claim it.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct ClaimState {
+    #[diesel(sql_type = sql_types::Text)]
+    pub status: String,
+    /// How long the current claim still runs (zero or negative when it has lapsed).
+    #[diesel(sql_type = sql_types::Nullable<sql_types::BigInt>)]
+    pub claim_left_ms: Option<i64>,
+}
+
+pub async fn claim_state(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+) -> QueryResult<Option<ClaimState>> {
+    diesel::sql_query(
+        "SELECT status, (extract(epoch FROM claimed_until - now()) * 1000)::bigint AS claim_left_ms \
+         FROM payments WHERE id = $1",
+    )
+    .bind::<sql_types::Uuid, _>(id)
+    .get_result(conn)
+    .await
+    .optional()
+}
+
+/// Moves a claimed payment to its final status, once: only the holder of `token` can, and only
+/// while it is pending. `None` means this consumer no longer holds it (nothing was changed).
+pub async fn finalise(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    token: Uuid,
+    status: crate::domain::PaymentStatus,
+) -> QueryResult<Option<Payment>> {
+    diesel::sql_query(
+        "UPDATE payments SET status = $3, processed_at = now(), claim_token = NULL, claimed_until = NULL \
+         WHERE id = $1 AND status = 'pending' AND claim_token = $2 \
+         RETURNING *",
+    )
+    .bind::<sql_types::Uuid, _>(id)
+    .bind::<sql_types::Uuid, _>(token)
+    .bind::<sql_types::Text, _>(status.as_str())
+    .get_result(conn)
+    .await
+    .optional()
+}
+
+/// Gives up claims (a consumer shutting down with payments unfinished), so their redelivered
+/// messages are processed at once instead of after the lease.
+pub async fn release_claims(conn: &mut AsyncPgConnection, tokens: &[Uuid]) -> QueryResult<usize> {
+    diesel::update(
+        payments::table
+            .filter(payments::claim_token.eq_any(tokens))
+            .filter(payments::status.eq("pending")),
+    )
+    .set((
+        payments::claim_token.eq(None::<Uuid>),
+        payments::claimed_until.eq(None::<OffsetDateTime>),
+    ))
+    .execute(conn)
+    .await
+}

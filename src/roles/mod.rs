@@ -1,3 +1,7 @@
-//! One module per role of the `async-pay` binary. Each has `run(settings) -> anyhow::Result<()>`.
+//! One module per role of the `async-pay` binary. Each has a `run` that returns when the role
+//! stops (SIGTERM/SIGINT for the long-running ones).
 
+pub mod consume;
+pub mod dlq_watch;
+pub mod relay;
 pub mod serve;

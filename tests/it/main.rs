@@ -8,6 +8,10 @@
 )]
 
 mod api;
+mod broker;
 mod helpers;
+mod pipeline;
 mod proxy;
+mod receiver;
 mod schema;
+mod webhooks;

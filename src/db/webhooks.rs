@@ -1,0 +1,150 @@
+//! The `webhook_deliveries` and `webhook_attempts` tables.
+
+use diesel::prelude::*;
+use diesel::sql_types;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::schema::{webhook_attempts, webhook_deliveries};
+
+#[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
+#[diesel(table_name = webhook_deliveries, check_for_backend(diesel::pg::Pg))]
+pub struct Delivery {
+    pub id: Uuid,
+    pub payment_id: Uuid,
+    pub merchant: String,
+    pub event_type: String,
+    pub url: String,
+    pub payload: serde_json::Value,
+    pub status: String,
+    pub attempts: i32,
+    pub next_attempt_at: OffsetDateTime,
+    pub last_attempt_at: Option<OffsetDateTime>,
+    pub last_status_code: Option<i32>,
+    pub created_at: OffsetDateTime,
+    pub finished_at: Option<OffsetDateTime>,
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = webhook_deliveries)]
+pub struct NewDelivery<'a> {
+    pub id: Uuid,
+    pub payment_id: Uuid,
+    pub merchant: &'a str,
+    pub event_type: &'a str,
+    pub url: &'a str,
+    pub payload: &'a serde_json::Value,
+}
+
+pub async fn insert(conn: &mut AsyncPgConnection, d: &NewDelivery<'_>) -> QueryResult<usize> {
+    diesel::insert_into(webhook_deliveries::table)
+        .values(d)
+        .execute(conn)
+        .await
+}
+
+/// Claims up to `limit` due deliveries for one attempt each: counts the attempt and pushes
+/// `next_attempt_at` out by `lease`, so a sender that dies mid-attempt leaves the delivery due
+/// again once the lease has passed. Several senders share the work (SKIP LOCKED).
+pub async fn claim_due(
+    conn: &mut AsyncPgConnection,
+    limit: i64,
+    lease: std::time::Duration,
+) -> QueryResult<Vec<Delivery>> {
+    diesel::sql_query(
+        "UPDATE webhook_deliveries SET attempts = attempts + 1, last_attempt_at = now(), \
+                next_attempt_at = now() + $2 * interval '1 millisecond' \
+         WHERE id IN (SELECT id FROM webhook_deliveries \
+                      WHERE status = 'pending' AND next_attempt_at <= now() \
+                      ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+         RETURNING *",
+    )
+    .bind::<sql_types::BigInt, _>(limit)
+    .bind::<sql_types::BigInt, _>(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
+    .load(conn)
+    .await
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = webhook_attempts, check_for_backend(diesel::pg::Pg))]
+pub struct Attempt {
+    pub delivery_id: Uuid,
+    pub attempt: i32,
+    pub attempted_at: OffsetDateTime,
+    pub duration_ms: i32,
+    pub status_code: Option<i32>,
+    pub error: Option<String>,
+    pub response_body: Option<String>,
+}
+
+/// What an attempt leaves the delivery as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterAttempt {
+    Delivered,
+    /// Given up: the schedule is exhausted, or the endpoint answered 410 Gone.
+    Failed,
+    RetryAt(OffsetDateTime),
+}
+
+/// Records an attempt and moves the delivery on, in one transaction.
+pub async fn record_attempt(
+    conn: &mut AsyncPgConnection,
+    attempt: &Attempt,
+    next: AfterAttempt,
+) -> QueryResult<()> {
+    use webhook_deliveries::dsl as d;
+    conn.transaction::<_, diesel::result::Error, _>(async |c| {
+        diesel::insert_into(webhook_attempts::table)
+            .values(attempt)
+            .on_conflict_do_nothing()
+            .execute(c)
+            .await?;
+        let target = webhook_deliveries::table
+            .filter(d::id.eq(attempt.delivery_id))
+            .filter(d::status.eq("pending"));
+        let code = d::last_status_code.eq(attempt.status_code);
+        match next {
+            AfterAttempt::Delivered => {
+                diesel::update(target)
+                    .set((
+                        d::status.eq("delivered"),
+                        d::finished_at.eq(diesel::dsl::now),
+                        code,
+                    ))
+                    .execute(c)
+                    .await?
+            }
+            AfterAttempt::Failed => {
+                diesel::update(target)
+                    .set((
+                        d::status.eq("failed"),
+                        d::finished_at.eq(diesel::dsl::now),
+                        code,
+                    ))
+                    .execute(c)
+                    .await?
+            }
+            AfterAttempt::RetryAt(at) => {
+                diesel::update(target)
+                    .set((d::next_attempt_at.eq(at), code))
+                    .execute(c)
+                    .await?
+            }
+        };
+        Ok(())
+    })
+    .await
+}
+
+pub async fn for_payment(
+    conn: &mut AsyncPgConnection,
+    payment_id: Uuid,
+) -> QueryResult<Vec<Delivery>> {
+    webhook_deliveries::table
+        .filter(webhook_deliveries::payment_id.eq(payment_id))
+        .order(webhook_deliveries::created_at)
+        .select(Delivery::as_select())
+        .load(conn)
+        .await
+}

@@ -1,0 +1,235 @@
+//! `async-pay relay [--once]`: moves outbox events to RabbitMQ.
+//!
+//! Loop: LISTEN on `outbox_inserted` (before the first query, so no wake-up is missed), drain
+//! the outbox in batches ([`drain_once`]: lock a batch with SKIP LOCKED, publish with confirms,
+//! mark only the confirmed rows published, commit), then sleep until a NOTIFY or
+//! `relay.poll_interval`. Several relays can run at once; each row goes to one of them.
+//!
+//! On failure (database or broker down, channel closed, confirms missing) it logs, backs off
+//! (1 s, 2 s, 4 s … 30 s), reconnects both sides and carries on; unconfirmed rows stay unpublished
+//! and are sent again (a duplicate is possible, a loss is not). Published rows older than
+//! `relay.retention` are deleted in batches of [`RETENTION_BATCH`].
+//!
+//! `--once` drains everything, prints the count and exits 0, or exits non-zero with the reason
+//! when the database or the broker is unreachable: made for cron.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use futures_util::StreamExt;
+
+use crate::amqp::publisher::{Confirm, Outgoing, Publisher};
+use crate::amqp::{self, topology};
+use crate::config::{Settings, redact_url};
+use crate::db::{self, outbox};
+use crate::shutdown::{Shutdown, backoff};
+
+/// NOTIFY channel written by the `outbox_notify` trigger.
+pub const CHANNEL: &str = "outbox_inserted";
+/// Rows deleted per retention statement: small enough to never hold locks for long.
+const RETENTION_BATCH: i64 = 1000;
+/// How often the retention sweep runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(60);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What one [`drain_once`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Rows locked for this batch.
+    pub claimed: usize,
+    /// Rows the broker confirmed, now marked published.
+    pub published: usize,
+}
+
+/// Publishes one batch: locks up to `batch` unpublished rows, publishes them, waits for the
+/// confirms and marks the confirmed ones published, all in one transaction.
+pub async fn drain_once(
+    conn: &mut AsyncPgConnection,
+    publisher: &Publisher,
+    batch: u32,
+) -> anyhow::Result<Drained> {
+    conn.transaction::<_, anyhow::Error, _>(async |c| {
+        let rows = outbox::claim_unpublished(c, i64::from(batch)).await?;
+        if rows.is_empty() {
+            return Ok(Drained::default());
+        }
+        let messages: Vec<Outgoing> = rows
+            .iter()
+            .map(|r| Outgoing {
+                message_id: r.id.to_string(),
+                message_type: r.event_type.clone(),
+                body: serde_json::to_vec(&r.payload).unwrap_or_default(),
+            })
+            .collect();
+        let verdicts = publisher.publish_batch(&messages).await?;
+        let confirmed: Vec<i64> = rows
+            .iter()
+            .zip(&verdicts)
+            .filter(|(_, v)| **v == Confirm::Acked)
+            .map(|(r, _)| r.id)
+            .collect();
+        if !confirmed.is_empty() {
+            outbox::mark_published(c, &confirmed).await?;
+        }
+        let missing = rows.len() - confirmed.len();
+        if missing > 0 {
+            log::warn!("{missing} of {} outbox events were not confirmed by RabbitMQ; they stay unpublished", rows.len());
+        }
+        log::debug!("published outbox events {}..={}", rows[0].id, rows[rows.len() - 1].id);
+        Ok(Drained { claimed: rows.len(), published: confirmed.len() })
+    })
+    .await
+}
+
+/// Connects to the broker, declares the topology and opens a confirming publisher.
+pub async fn open_publisher(
+    settings: &Settings,
+) -> anyhow::Result<(amqprs::connection::Connection, Publisher)> {
+    let conn = amqp::connect(&settings.amqp, "relay").await?;
+    let ch = amqp::open_channel(&conn).await?;
+    topology::declare(&ch, &settings.amqp).await?;
+    let _ = ch.close().await;
+    let publisher = Publisher::open(
+        &conn,
+        &settings.amqp.exchange,
+        &settings.amqp.routing_key,
+        settings.amqp.confirm_timeout,
+    )
+    .await?;
+    Ok((conn, publisher))
+}
+
+/// `relay --once`: publishes everything unpublished, returns how many rows.
+pub async fn run_once(settings: &Settings) -> anyhow::Result<usize> {
+    let url = settings.database.url.expose();
+    let mut conn = AsyncPgConnection::establish(url)
+        .await
+        .with_context(|| format!("cannot connect to the database at {}", redact_url(url)))?;
+    let (amqp_conn, publisher) = open_publisher(settings).await?;
+    let mut total = 0;
+    loop {
+        let d = drain_once(&mut conn, &publisher, settings.relay.batch_size).await?;
+        total += d.published;
+        if d.claimed == 0 {
+            break;
+        }
+        if d.published < d.claimed {
+            anyhow::bail!(
+                "RabbitMQ did not confirm {} events (published {total} before that)",
+                d.claimed - d.published
+            );
+        }
+    }
+    let _ = amqp_conn.close().await;
+    Ok(total)
+}
+
+/// The long-running relay, until `shutdown`.
+pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
+    let pool = db::pool(&settings.database)?;
+    let mut failures = 0u32;
+    let mut last_sweep: Option<tokio::time::Instant> = None;
+    while !shutdown.is_triggered() {
+        match session(&settings, &pool, &shutdown, &mut last_sweep, &mut failures).await {
+            Ok(()) => break,
+            Err(e) => {
+                let wait = backoff(failures, MAX_BACKOFF);
+                failures += 1;
+                log::error!("relay: {e:#}; retrying in {wait:?}");
+                if shutdown.sleep(wait).await {
+                    break;
+                }
+            }
+        }
+    }
+    log::info!("relay stopped");
+    Ok(())
+}
+
+/// One connected stretch: LISTEN, drain, wait, repeat; returns Err on any failure.
+async fn session(
+    settings: &Settings,
+    pool: &db::Pool,
+    shutdown: &Shutdown,
+    last_sweep: &mut Option<tokio::time::Instant>,
+    failures: &mut u32,
+) -> anyhow::Result<()> {
+    let url = settings.database.url.expose();
+    let mut listener = AsyncPgConnection::establish(url)
+        .await
+        .with_context(|| format!("cannot connect to the database at {}", redact_url(url)))?;
+    diesel::sql_query(format!("LISTEN {CHANNEL}"))
+        .execute(&mut listener)
+        .await
+        .context("LISTEN failed")?;
+    let (amqp_conn, publisher) = open_publisher(settings).await?;
+    log::info!(
+        "relay connected; publishing to exchange {}",
+        settings.amqp.exchange
+    );
+    let mut notifications = std::pin::pin!(listener.notifications_stream());
+    let result = loop {
+        // Drain until a batch comes back short.
+        let mut conn = db::conn(pool).await?;
+        loop {
+            let d = drain_once(&mut conn, &publisher, settings.relay.batch_size).await?;
+            if d.published < d.claimed {
+                anyhow::bail!(
+                    "RabbitMQ did not confirm {} events",
+                    d.claimed - d.published
+                );
+            }
+            *failures = 0;
+            if d.claimed < settings.relay.batch_size as usize {
+                break;
+            }
+        }
+        if last_sweep.is_none_or(|t| t.elapsed() >= RETENTION_EVERY) {
+            *last_sweep = Some(tokio::time::Instant::now());
+            sweep(&mut conn, settings.relay.retention).await;
+        }
+        drop(conn);
+        if !publisher.is_open() {
+            break Err(anyhow::anyhow!("the publishing channel closed"));
+        }
+        tokio::select! {
+            n = notifications.next() => match n {
+                Some(Ok(_)) => {}
+                // The stream must not be polled after it ended: reconnect instead.
+                Some(Err(e)) => break Err(anyhow::Error::new(e).context("lost the LISTEN connection")),
+                None => break Err(anyhow::anyhow!("the LISTEN connection ended")),
+            },
+            _ = tokio::time::sleep(settings.relay.poll_interval) => {}
+            _ = shutdown.wait() => break Ok(()),
+        }
+    };
+    let _ = amqp_conn.close().await;
+    result
+}
+
+/// Deletes published rows past the retention period, a batch at a time.
+async fn sweep(conn: &mut AsyncPgConnection, retention: Duration) {
+    let cutoff = time::OffsetDateTime::now_utc() - retention;
+    let mut total = 0;
+    loop {
+        match outbox::delete_published_before(conn, cutoff, RETENTION_BATCH).await {
+            Ok(n) => {
+                total += n;
+                if n < RETENTION_BATCH as usize {
+                    break;
+                }
+            }
+            Err(e) => {
+                log::warn!("outbox retention sweep failed: {e}");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        log::info!(
+            "deleted {total} published outbox events older than {}",
+            humantime::format_duration(retention)
+        );
+    }
+}

@@ -1,0 +1,85 @@
+//! Stop signals: SIGTERM (docker stop, systemd) and SIGINT (Ctrl-C).
+
+use tokio::sync::watch;
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => log::info!("SIGTERM received, shutting down"),
+                    _ = tokio::signal::ctrl_c() => log::info!("SIGINT received, shutting down"),
+                }
+            }
+            Err(e) => {
+                log::warn!("cannot listen for SIGTERM ({e}); only Ctrl-C stops this process");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A stop switch that many tasks can wait on: `trigger` once, every `wait` returns.
+#[derive(Clone)]
+pub struct Shutdown {
+    tx: watch::Sender<bool>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Shutdown {
+            tx: watch::channel(false).0,
+        }
+    }
+
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    pub async fn wait(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+
+    /// A switch that flips on SIGTERM/SIGINT.
+    pub fn on_signal() -> Self {
+        let s = Shutdown::new();
+        let s2 = s.clone();
+        tokio::spawn(async move {
+            signal().await;
+            s2.trigger();
+        });
+        s
+    }
+
+    /// Sleeps for `d`, or less if shutdown comes first; returns true if shutting down.
+    pub async fn sleep(&self, d: std::time::Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => self.is_triggered(),
+            _ = self.wait() => true,
+        }
+    }
+}
+
+/// Capped exponential backoff: 1s, 2s, 4s, … up to `cap`.
+pub fn backoff(attempt: u32, cap: std::time::Duration) -> std::time::Duration {
+    let secs = 1u64.checked_shl(attempt.min(20)).unwrap_or(u64::MAX);
+    std::time::Duration::from_secs(secs).min(cap)
+}

@@ -1,0 +1,592 @@
+//! The event pipeline against the real PostgreSQL and RabbitMQ: relay, consumer, dead letters.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_pay::config::Settings;
+use async_pay::db::payments::Payment;
+use async_pay::domain::PaymentStatus;
+use async_pay::gateway::{Gateway, GatewayError, SimulatedGateway};
+use async_pay::roles::consume::{Disposition, Handled, Processor};
+use async_pay::roles::relay;
+use async_pay::shutdown::Shutdown;
+use async_trait::async_trait;
+use serde_json::json;
+
+use crate::broker::TestBroker;
+use crate::helpers::*;
+use crate::proxy::Proxy;
+use crate::receiver::Receiver;
+
+/// Settings with short delays, for one test's database and broker names.
+pub fn fast(db: &TestDb) -> (Settings, TestBroker) {
+    let mut s = settings(&db.url);
+    let broker = TestBroker::new(&mut s);
+    s.gateway.min_delay = Duration::from_millis(5);
+    s.gateway.max_delay = Duration::from_millis(30);
+    s.relay.poll_interval = Duration::from_millis(500);
+    s.consume.shutdown_timeout = Duration::from_secs(2);
+    s.webhook.retry_delays = vec![Duration::from_millis(200), Duration::from_millis(400)];
+    s.webhook.timeout = Duration::from_secs(2);
+    s.webhook.poll_interval = Duration::from_millis(100);
+    (s, broker)
+}
+
+/// Long-running roles started in this process, stopped (and awaited) on drop.
+pub struct Roles {
+    pub shutdown: Shutdown,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Roles {
+    pub fn new() -> Roles {
+        Roles {
+            shutdown: Shutdown::new(),
+            handles: Vec::new(),
+        }
+    }
+
+    pub fn relay(&mut self, s: &Settings) -> &mut Self {
+        let (s, sd) = (s.clone(), self.shutdown.clone());
+        self.handles.push(tokio::spawn(
+            async move { relay::run(s, sd).await.unwrap() },
+        ));
+        self
+    }
+
+    pub fn consume(&mut self, s: &Settings, gateway: Arc<dyn Gateway>) -> &mut Self {
+        let (s, sd) = (s.clone(), self.shutdown.clone());
+        self.handles.push(tokio::spawn(async move {
+            async_pay::roles::consume::run_with(s, gateway, sd)
+                .await
+                .unwrap()
+        }));
+        self
+    }
+
+    pub fn dlq_watch(&mut self, s: &Settings) -> &mut Self {
+        let (s, sd) = (s.clone(), self.shutdown.clone());
+        self.handles.push(tokio::spawn(async move {
+            async_pay::roles::dlq_watch::run(s, sd).await.unwrap()
+        }));
+        self
+    }
+
+    pub async fn stop(&mut self) {
+        self.shutdown.trigger();
+        for h in self.handles.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+        }
+    }
+}
+
+impl Drop for Roles {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}
+
+/// Counts calls and answers after a delay; fails every call when `fail` is set.
+pub struct CountingGateway {
+    pub calls: AtomicUsize,
+    pub delay: Duration,
+    pub fail: bool,
+}
+
+impl CountingGateway {
+    pub fn new(delay: Duration, fail: bool) -> Arc<CountingGateway> {
+        Arc::new(CountingGateway {
+            calls: AtomicUsize::new(0),
+            delay,
+            fail,
+        })
+    }
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Gateway for CountingGateway {
+    async fn charge(&self, _p: &Payment) -> Result<PaymentStatus, GatewayError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        if self.fail {
+            Err(GatewayError("provider answered 502".into()))
+        } else {
+            Ok(PaymentStatus::Succeeded)
+        }
+    }
+}
+
+async fn status_of(app: &TestApp, id: &str) -> serde_json::Value {
+    app.get_payment(KEY_A, id).await.json
+}
+
+async fn wait_final(app: &TestApp, ids: &[String], limit: Duration) {
+    for id in ids {
+        eventually(limit, &format!("payment {id} to be final"), || async {
+            let p = status_of(app, id).await;
+            (p["status"] != "pending").then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_posted_payment_is_finalised_once_and_its_webhook_signed() {
+    let db = TestDb::new().await;
+    let (s, _broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let receiver = Receiver::start().await;
+    let mut roles = Roles::new();
+    roles
+        .relay(&s)
+        .consume(&s, Arc::new(SimulatedGateway::new(&s.gateway)))
+        .dlq_watch(&s);
+
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let r = app
+            .post_payment(
+                KEY_A,
+                &format!("e2e-{i}"),
+                json!({"amount": "12.34", "currency": "EUR", "metadata": {"n": i}, "webhook_url": receiver.url("/hook")}),
+            )
+            .await;
+        assert_eq!(r.status, 202);
+        ids.push(r.json["payment_id"].as_str().unwrap().to_string());
+    }
+    wait_final(&app, &ids, Duration::from_secs(20)).await;
+    for id in &ids {
+        let p = status_of(&app, id).await;
+        assert!(p["status"] == "succeeded" || p["status"] == "failed");
+        assert!(p["processed_at"].is_string());
+    }
+    assert_eq!(
+        app.db
+            .count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL"),
+        0
+    );
+
+    // One webhook per payment, signed with merchant A's secret, same values as GET.
+    let got = eventually(Duration::from_secs(10), "20 webhooks", || async {
+        let r = receiver.received();
+        (r.len() >= 20).then_some(r)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        receiver.received().len(),
+        20,
+        "exactly one delivery per payment"
+    );
+    let key = async_pay::webhook::secret_key(&async_pay::config::Secret::new(SECRET_A)).unwrap();
+    for w in &got {
+        let body = w.json();
+        let id = body["payment_id"].as_str().unwrap();
+        let p = status_of(&app, id).await;
+        assert_eq!(body["status"], p["status"]);
+        assert_eq!(body["processed_at"], p["processed_at"]);
+        assert_eq!(body["amount"], "12.34");
+        assert_eq!(
+            body["type"],
+            format!("payment.{}", p["status"].as_str().unwrap())
+        );
+        let ts: i64 = w.headers["webhook-timestamp"].parse().unwrap();
+        let expected = async_pay::webhook::sign(&key, &w.headers["webhook-id"], ts, &w.body);
+        assert_eq!(w.headers["webhook-signature"], expected);
+    }
+    roles.stop().await;
+    assert_eq!(app.db.count("SELECT count(*) AS n FROM dead_letters"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_once_publishes_everything_and_reports_the_count() {
+    let db = TestDb::new().await;
+    let (s, broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    for i in 0..30 {
+        let r = app
+            .post_payment(
+                KEY_A,
+                &format!("once-{i}"),
+                json!({"amount": "1", "currency": "RUB"}),
+            )
+            .await;
+        assert_eq!(r.status, 202);
+    }
+    // Declares the topology itself, then drains.
+    assert_eq!(relay::run_once(&s).await.unwrap(), 30);
+    assert_eq!(
+        app.db
+            .count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL"),
+        0
+    );
+    assert_eq!(
+        relay::run_once(&s).await.unwrap(),
+        0,
+        "nothing left the second time"
+    );
+    let msgs = broker.drain(&s.amqp.queue).await;
+    assert_eq!(msgs.len(), 30);
+    let ids: std::collections::HashSet<_> = msgs.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(ids.len(), 30, "message_id is the outbox id");
+    let body: serde_json::Value = serde_json::from_slice(&msgs[0].1).unwrap();
+    assert!(body["payment_id"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_once_binary_fails_clearly_when_the_broker_is_unreachable() {
+    let db = TestDb::new().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_async-pay"))
+        .args(["relay", "--once"])
+        .env("DATABASE_URL", &db.url)
+        .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RabbitMQ"), "{err}");
+    assert!(
+        !err.contains("guest:guest"),
+        "the password is not printed: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_relays_publish_each_row_once() {
+    let db = TestDb::new().await;
+    let (mut s, broker) = fast(&db);
+    s.relay.batch_size = 50;
+    db.exec(
+        "INSERT INTO outbox (event_type, payload) \
+         SELECT 'payment.created', jsonb_build_object('payment_id', gen_random_uuid()) FROM generate_series(1, 1000)",
+    )
+    .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let (s, url) = (s.clone(), db.url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut conn =
+                <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&url)
+                    .await
+                    .unwrap();
+            let (_c, publisher) = relay::open_publisher(&s).await.unwrap();
+            let mut mine = 0;
+            loop {
+                let d = relay::drain_once(&mut conn, &publisher, s.relay.batch_size)
+                    .await
+                    .unwrap();
+                assert_eq!(d.claimed, d.published);
+                if d.claimed == 0 {
+                    break mine;
+                }
+                mine += d.published;
+            }
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, 1000);
+    let msgs = broker.drain(&s.amqp.queue).await;
+    let ids: std::collections::HashSet<_> = msgs.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(
+        (msgs.len(), ids.len()),
+        (1000, 1000),
+        "each row published exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unroutable_publish_leaves_the_row_unpublished() {
+    let db = TestDb::new().await;
+    let (s, broker) = fast(&db);
+    db.exec("INSERT INTO outbox (event_type, payload) VALUES ('payment.created', '{\"payment_id\": null}')").unwrap();
+    // The topology exists, but this publisher's routing key matches no queue: basic.return.
+    let conn = broker.connect().await;
+    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
+    async_pay::amqp::topology::declare(&ch, &s.amqp)
+        .await
+        .unwrap();
+    let publisher = async_pay::amqp::publisher::Publisher::open(
+        &conn,
+        &s.amqp.exchange,
+        "no-such-route",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let mut c =
+        <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&db.url)
+            .await
+            .unwrap();
+    let d = relay::drain_once(&mut c, &publisher, 10).await.unwrap();
+    assert_eq!((d.claimed, d.published), (1, 0));
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL"),
+        1
+    );
+
+    // A publisher whose exchange does not exist: the channel closes, nothing is marked.
+    let gone = async_pay::amqp::publisher::Publisher::open(
+        &conn,
+        "no-such-exchange",
+        "x",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let r = relay::drain_once(&mut c, &gone, 10).await;
+    assert!(r.map(|d| d.published).unwrap_or(0) == 0);
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL"),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicate_deliveries_and_racing_consumers_give_one_outcome() {
+    let db = TestDb::new().await;
+    let (s, _broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let r = app
+        .post_payment(KEY_A, "dup", json!({"amount": "5", "currency": "USD"}))
+        .await;
+    let id = r.json["payment_id"].as_str().unwrap().to_string();
+    let gateway = CountingGateway::new(Duration::from_millis(300), false);
+    let pool = async_pay::db::pool(&s.database).unwrap();
+    // Two consumers (two processors) get the same message at the same time.
+    let a = Arc::new(Processor::new(
+        &s,
+        pool.clone(),
+        gateway.clone(),
+        Shutdown::new(),
+    ));
+    let b = Arc::new(Processor::new(
+        &s,
+        pool.clone(),
+        gateway.clone(),
+        Shutdown::new(),
+    ));
+    let body = json!({"payment_id": id}).to_string().into_bytes();
+    let (ra, rb) = tokio::join!(a.handle_one(&body, 0), b.handle_one(&body, 0));
+    let outcomes = [ra, rb];
+    let finalised = outcomes
+        .iter()
+        .filter(|d| matches!(d, Disposition::Ack(Handled::Finalised(..))))
+        .count();
+    let duplicate = outcomes
+        .iter()
+        .filter(|d| matches!(d, Disposition::Ack(Handled::AlreadyFinal(_))))
+        .count();
+    assert_eq!((finalised, duplicate), (1, 1), "{outcomes:?}");
+    assert_eq!(gateway.calls(), 1, "the gateway is asked once");
+    let first = status_of(&app, &id).await;
+    assert_eq!(first["status"], "succeeded");
+
+    // A late redelivery changes nothing, not even processed_at.
+    assert!(matches!(
+        a.handle_one(&body, 1).await,
+        Disposition::Ack(Handled::AlreadyFinal(_))
+    ));
+    assert_eq!(status_of(&app, &id).await, first);
+    assert_eq!(gateway.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_messages_are_acked_and_do_not_stop_the_consumer() {
+    let db = TestDb::new().await;
+    let (s, broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let pool = async_pay::db::pool(&s.database).unwrap();
+    let p = Processor::new(
+        &s,
+        pool,
+        CountingGateway::new(Duration::ZERO, false),
+        Shutdown::new(),
+    );
+    assert_eq!(
+        p.handle_one(b"not json", 0).await,
+        Disposition::Ack(Handled::Malformed)
+    );
+    assert_eq!(
+        p.handle_one(b"{\"id\": 1}", 0).await,
+        Disposition::Ack(Handled::Malformed)
+    );
+    let unknown = uuid::Uuid::new_v4();
+    let body = json!({"payment_id": unknown}).to_string();
+    assert_eq!(
+        p.handle_one(body.as_bytes(), 0).await,
+        Disposition::Ack(Handled::UnknownPayment(unknown))
+    );
+
+    // Through the real queue: poison first, then a real payment behind it.
+    let mut roles = Roles::new();
+    roles
+        .consume(&s, Arc::new(SimulatedGateway::new(&s.gateway)))
+        .dlq_watch(&s);
+    let conn = broker.connect().await;
+    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
+    async_pay::amqp::topology::declare(&ch, &s.amqp)
+        .await
+        .unwrap();
+    for poison in [
+        &b"garbage"[..],
+        b"{}",
+        body.as_bytes(),
+        &vec![b'x'; 1 << 20],
+    ] {
+        ch.basic_publish(
+            amqprs::BasicProperties::default(),
+            poison.to_vec(),
+            amqprs::channel::BasicPublishArguments::new(&s.amqp.exchange, &s.amqp.routing_key),
+        )
+        .await
+        .unwrap();
+    }
+    let r = app
+        .post_payment(
+            KEY_A,
+            "after-poison",
+            json!({"amount": "5", "currency": "USD"}),
+        )
+        .await;
+    let id = r.json["payment_id"].as_str().unwrap().to_string();
+    assert_eq!(relay::run_once(&s).await.unwrap(), 1);
+    wait_final(&app, std::slice::from_ref(&id), Duration::from_secs(10)).await;
+    eventually(Duration::from_secs(5), "the queue to be empty", || async {
+        (broker.depth(&s.amqp.queue).await == 0).then_some(())
+    })
+    .await;
+    roles.stop().await;
+    assert_eq!(
+        app.db.count("SELECT count(*) AS n FROM dead_letters"),
+        0,
+        "poison is acked, not dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payment_that_keeps_failing_ends_in_dead_letters_after_the_delivery_limit() {
+    let db = TestDb::new().await;
+    let (s, broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let gateway = CountingGateway::new(Duration::ZERO, true);
+    let mut roles = Roles::new();
+    roles.relay(&s).consume(&s, gateway.clone()).dlq_watch(&s);
+    let r = app
+        .post_payment(KEY_A, "doomed", json!({"amount": "5", "currency": "USD"}))
+        .await;
+    let id = r.json["payment_id"].as_str().unwrap().to_string();
+    let n = eventually(
+        Duration::from_secs(30),
+        "the dead letter to be recorded",
+        || async {
+            let n = app.db.count(&format!(
+                "SELECT count(*) AS n FROM dead_letters WHERE payment_id = '{id}'"
+            ));
+            (n > 0).then_some(n)
+        },
+    )
+    .await;
+    assert_eq!(n, 1);
+    assert_eq!(
+        gateway.calls(),
+        s.amqp.delivery_limit as usize,
+        "delivered delivery_limit times, then given up"
+    );
+    assert_eq!(
+        app.db.count(&format!(
+            "SELECT count(*) AS n FROM dead_letters WHERE payment_id = '{id}' AND reason = 'rejected' \
+             AND original_queue = '{}'",
+            s.amqp.queue
+        )),
+        1
+    );
+    assert_eq!(
+        status_of(&app, &id).await["status"],
+        "pending",
+        "kept for replay, not finalised"
+    );
+    roles.stop().await;
+    assert_eq!(
+        broker.depth(&s.amqp.dead_letter_queue).await,
+        0,
+        "acked once recorded"
+    );
+}
+
+/// Never answers: the consumer holding a payment "hangs" at the gateway.
+struct StuckGateway;
+
+#[async_trait]
+impl Gateway for StuckGateway {
+    async fn charge(&self, _p: &Payment) -> Result<PaymentStatus, GatewayError> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payment_whose_consumer_vanished_is_finalised_by_another() {
+    let db = TestDb::new().await;
+    let (s, broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    // Consumer A reaches RabbitMQ and PostgreSQL through proxies we can cut, and hangs at the
+    // gateway.
+    let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    let db_proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let mut sa = s.clone();
+    sa.amqp.url = async_pay::config::Secret::new(format!(
+        "amqp://guest:guest@127.0.0.1:{}/%2f",
+        proxy.addr.port()
+    ));
+    let mut db_url = url::Url::parse(&app.db.url).unwrap();
+    db_url.set_port(Some(db_proxy.addr.port())).unwrap();
+    sa.database.url = async_pay::config::Secret::new(db_url.as_str());
+    let mut a = Roles::new();
+    a.consume(&sa, Arc::new(StuckGateway));
+    let r = app
+        .post_payment(KEY_A, "orphan", json!({"amount": "5", "currency": "USD"}))
+        .await;
+    let id = r.json["payment_id"].as_str().unwrap().to_string();
+    assert_eq!(relay::run_once(&s).await.unwrap(), 1);
+    eventually(
+        Duration::from_secs(10),
+        "consumer A to claim the payment",
+        || async {
+            let n = app.db.count(&format!(
+                "SELECT count(*) AS n FROM payments WHERE id = '{id}' AND claim_token IS NOT NULL"
+            ));
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    // A "dies": its connections go without an ack and without releasing its claim, which
+    // stays until the lease ends.
+    db_proxy.cut();
+    proxy.cut();
+    let cut_at = std::time::Instant::now();
+    let gateway = CountingGateway::new(Duration::ZERO, false);
+    let mut b = Roles::new();
+    b.consume(&s, gateway.clone());
+    let lease = async_pay::roles::consume::lease_for(&s);
+    wait_final(
+        &app,
+        std::slice::from_ref(&id),
+        lease + Duration::from_secs(15),
+    )
+    .await;
+    assert!(
+        cut_at.elapsed() >= lease - Duration::from_secs(1),
+        "B waited for A's claim to lapse"
+    );
+    assert_eq!(status_of(&app, &id).await["status"], "succeeded");
+    assert_eq!(gateway.calls(), 1);
+    b.stop().await;
+    a.stop().await;
+    assert_eq!(broker.depth(&s.amqp.queue).await, 0);
+}

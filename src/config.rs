@@ -26,7 +26,15 @@ pub struct Settings {
     pub consume: ConsumeSettings,
     pub gateway: GatewaySettings,
     pub webhook: WebhookSettings,
+    pub metrics: MetricsSettings,
     pub merchants: Vec<MerchantSettings>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Empty = no metrics endpoint for the non-HTTP roles.
+    pub bind: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,8 +87,10 @@ pub struct WebhookSettings {
     #[serde(with = "duration_list")]
     pub retry_delays: Vec<Duration>,
     pub concurrency: usize,
+    pub per_host_concurrency: usize,
     #[serde(with = "duration_str")]
     pub poll_interval: Duration,
+    pub allow_private_targets: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,6 +120,8 @@ pub struct MerchantSettings {
     pub name: String,
     pub api_key: Secret,
     pub webhook_secret: Secret,
+    #[serde(default)]
+    pub previous_webhook_secrets: Vec<Secret>,
 }
 
 /// A string that must never be printed: its `Debug` and `Display` are redacted.
@@ -337,11 +349,14 @@ impl Settings {
         if self.webhook.concurrency == 0 {
             bail!("invalid configuration at `webhook.concurrency`: must be at least 1");
         }
+        if self.webhook.per_host_concurrency == 0 {
+            bail!("invalid configuration at `webhook.per_host_concurrency`: must be at least 1");
+        }
         if self.merchants.is_empty() {
             bail!("invalid configuration at `merchants`: at least one merchant is needed");
         }
         let mut keys = std::collections::HashSet::new();
-        let mut secrets: HashMap<&str, &Secret> = HashMap::new();
+        let mut secrets: HashMap<&str, &MerchantSettings> = HashMap::new();
         for (i, m) in self.merchants.iter().enumerate() {
             let at = format!("merchants[{i}]");
             if m.name.trim().is_empty() {
@@ -356,11 +371,19 @@ impl Settings {
             crate::webhook::secret_key(&m.webhook_secret).map_err(|e| {
                 anyhow::anyhow!("invalid configuration at `{at}.webhook_secret`: {e}")
             })?;
-            if let Some(other) = secrets.insert(&m.name, &m.webhook_secret)
-                && other != &m.webhook_secret
+            for (j, old) in m.previous_webhook_secrets.iter().enumerate() {
+                crate::webhook::secret_key(old).map_err(|e| {
+                    anyhow::anyhow!(
+                        "invalid configuration at `{at}.previous_webhook_secrets[{j}]`: {e}"
+                    )
+                })?;
+            }
+            if let Some(other) = secrets.insert(&m.name, m)
+                && (other.webhook_secret != m.webhook_secret
+                    || other.previous_webhook_secrets != m.previous_webhook_secrets)
             {
                 bail!(
-                    "invalid configuration at `{at}.webhook_secret`: entries of merchant {:?} must share one webhook secret",
+                    "invalid configuration at `{at}.webhook_secret`: entries of merchant {:?} must share their webhook secrets",
                     m.name
                 );
             }

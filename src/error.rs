@@ -27,6 +27,9 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("this Idempotency-Key was already used with a different request body")]
     IdempotencyConflict,
+    /// The request is valid but the resource is not in a state that allows it.
+    #[error("{1}")]
+    Conflict(&'static str, String),
     #[error("the database is unavailable, retry later")]
     DatabaseUnavailable,
     #[error("internal error")]
@@ -66,6 +69,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::IdempotencyConflict => "idempotency_key_reused",
+            ApiError::Conflict(code, _) => code,
             ApiError::DatabaseUnavailable => "database_unavailable",
             ApiError::Internal(_) => "internal_error",
         }
@@ -82,7 +86,7 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::IdempotencyConflict => StatusCode::CONFLICT,
+            ApiError::IdempotencyConflict | ApiError::Conflict(..) => StatusCode::CONFLICT,
             ApiError::DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -170,6 +174,11 @@ mod tests {
             (ApiError::NotFound("payment"), 404, "not_found"),
             (ApiError::MethodNotAllowed, 405, "method_not_allowed"),
             (ApiError::IdempotencyConflict, 409, "idempotency_key_reused"),
+            (
+                ApiError::Conflict("payment_not_final", "x".into()),
+                409,
+                "payment_not_final",
+            ),
             (ApiError::DatabaseUnavailable, 503, "database_unavailable"),
             (
                 ApiError::Internal(anyhow::anyhow!("secret detail")),

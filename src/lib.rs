@@ -10,4 +10,5 @@ pub mod error;
 pub mod gateway;
 pub mod roles;
 pub mod shutdown;
+pub mod ssrf;
 pub mod webhook;

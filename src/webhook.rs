@@ -101,6 +101,50 @@ pub fn payload(p: &Payment) -> serde_json::Value {
     })
 }
 
+/// The host part of a webhook URL (for per-host limits).
+pub fn host_of(url: &str) -> String {
+    url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Writes a delivery of the payment's final status to its webhook_url, due now. Call in the
+/// transaction that finalises the payment (so the webhook cannot be lost) or for a resend, which
+/// passes the `message_id` of the original so merchants can deduplicate. Returns the delivery
+/// id, or `None` for a payment without webhook_url.
+pub async fn schedule(
+    conn: &mut diesel_async::AsyncPgConnection,
+    p: &Payment,
+    message_id: Option<&str>,
+) -> diesel::QueryResult<Option<uuid::Uuid>> {
+    let Some(url) = &p.webhook_url else {
+        return Ok(None);
+    };
+    let id = uuid::Uuid::now_v7();
+    let fresh = format!("msg_{}", id.simple());
+    let status = p
+        .status
+        .parse::<PaymentStatus>()
+        .unwrap_or(PaymentStatus::Pending);
+    let payload = payload(p);
+    webhooks_db::insert(
+        conn,
+        &webhooks_db::NewDelivery {
+            id,
+            message_id: message_id.unwrap_or(&fresh),
+            payment_id: p.id,
+            merchant: &p.merchant,
+            event_type: event_type(status),
+            url,
+            host: &host_of(url),
+            payload: &payload,
+        },
+    )
+    .await?;
+    Ok(Some(id))
+}
+
 /// The `webhook-signature` header value: one `v1,…` per key, space-separated.
 pub fn signature_header(keys: &[Vec<u8>], id: &str, timestamp: i64, body: &[u8]) -> String {
     keys.iter()
@@ -154,21 +198,34 @@ impl Sender {
         for m in &settings.merchants {
             let entry = keys.entry(m.name.clone()).or_default();
             if entry.is_empty() {
-                entry.push(
-                    secret_key(&m.webhook_secret)
-                        .map_err(|e| anyhow::anyhow!("merchant {}: {e}", m.name))?,
-                );
+                // Current secret first, then the ones being rotated out.
+                for secret in std::iter::once(&m.webhook_secret).chain(&m.previous_webhook_secrets)
+                {
+                    let key = secret_key(secret)
+                        .map_err(|e| anyhow::anyhow!("merchant {}: {e}", m.name))?;
+                    entry.push(key);
+                }
             }
         }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let config = ureq::Agent::config_builder()
             .timeout_global(Some(settings.webhook.timeout))
             .http_status_as_error(false)
             // A redirect is a failed attempt: following it could lead anywhere.
             .max_redirects(0)
             .max_redirects_will_error(false)
+            // Never through a proxy from the environment: the guard must see the real target.
+            .proxy(None)
             .user_agent("async-pay-webhooks/1")
-            .build()
-            .into();
+            .build();
+        let agent = if settings.webhook.allow_private_targets {
+            ureq::Agent::new_with_config(config)
+        } else {
+            ureq::Agent::with_parts(
+                config,
+                ureq::unversioned::transport::DefaultConnector::default(),
+                crate::ssrf::GuardedResolver::default(),
+            )
+        };
         Ok(Sender {
             pool,
             agent,
@@ -183,16 +240,37 @@ impl Sender {
         self.settings.timeout + ATTEMPT_LEASE_MARGIN
     }
 
-    /// Claims up to `limit` due deliveries.
-    pub async fn claim(&self, limit: usize) -> anyhow::Result<Vec<Delivery>> {
+    /// Claims up to `limit` due deliveries, none for the hosts in `busy_hosts`.
+    pub async fn claim(
+        &self,
+        limit: usize,
+        busy_hosts: &[String],
+    ) -> anyhow::Result<Vec<Delivery>> {
         let mut conn = db::conn(&self.pool).await?;
-        Ok(webhooks_db::claim_due(&mut conn, limit as i64, self.lease()).await?)
+        Ok(webhooks_db::claim_due(&mut conn, limit as i64, self.lease(), busy_hosts).await?)
+    }
+
+    /// Returns claimed deliveries unattempted; if that fails their claim simply lapses.
+    async fn unclaim(&self, ids: &[uuid::Uuid]) {
+        let result = async {
+            let mut conn = db::conn(&self.pool).await?;
+            webhooks_db::unclaim(&mut conn, ids)
+                .await
+                .map_err(db::DbError::from)
+        }
+        .await;
+        if let Err(e) = result {
+            log::warn!(
+                "could not give back {} webhook deliveries ({e}); they are retried after their lease",
+                ids.len()
+            );
+        }
     }
 
     /// Makes one attempt of a claimed delivery and records it.
     pub async fn attempt(&self, d: Delivery) {
         let body = serde_json::to_vec(&d.payload).unwrap_or_default();
-        let id = d.id.to_string();
+        let id = d.message_id.clone();
         let now = OffsetDateTime::now_utc();
         let ts = now.unix_timestamp();
         let signature = signature_header(
@@ -293,22 +371,51 @@ impl Sender {
         }
     }
 
-    /// Claims and sends due deliveries until `shutdown`; attempts in flight finish first.
+    /// Claims and sends due deliveries until `shutdown`; attempts in flight finish first. At
+    /// most `webhook.concurrency` attempts run at once, and at most `per_host_concurrency` to one
+    /// host, so a dead endpoint slows only its own deliveries.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
-        let mut in_flight = JoinSet::new();
+        let mut in_flight: JoinSet<String> = JoinSet::new();
+        let mut per_host: HashMap<String, usize> = HashMap::new();
         let mut failures = 0;
         loop {
-            while in_flight.try_join_next().is_some() {}
+            while let Some(done) = in_flight.try_join_next() {
+                finished(&mut per_host, done);
+            }
             let room = self.settings.concurrency.saturating_sub(in_flight.len());
             let mut claimed = 0;
             if room > 0 && !shutdown.is_triggered() {
-                match self.claim(room).await {
+                let busy: Vec<String> = per_host
+                    .iter()
+                    .filter(|(_, n)| **n >= self.settings.per_host_concurrency)
+                    .map(|(h, _)| h.clone())
+                    .collect();
+                match self.claim(room, &busy).await {
                     Ok(ds) => {
                         failures = 0;
                         claimed = ds.len();
+                        // One batch may hold more for a host than its share: give those back.
+                        let mut over = Vec::new();
+                        let mut take = Vec::new();
                         for d in ds {
+                            let n = per_host.entry(d.host.clone()).or_default();
+                            if *n >= self.settings.per_host_concurrency {
+                                over.push(d.id);
+                            } else {
+                                *n += 1;
+                                take.push(d);
+                            }
+                        }
+                        if !over.is_empty() {
+                            self.unclaim(&over).await;
+                        }
+                        for d in take {
                             let me = self.clone();
-                            in_flight.spawn(async move { me.attempt(d).await });
+                            in_flight.spawn(async move {
+                                let host = d.host.clone();
+                                me.attempt(d).await;
+                                host
+                            });
                         }
                     }
                     Err(e) => {
@@ -330,12 +437,23 @@ impl Sender {
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(self.settings.poll_interval) => {}
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => finished(&mut per_host, done),
                 _ = shutdown.wait() => break,
             }
         }
         // Let attempts in flight finish and be recorded (each is bounded by webhook.timeout).
         while in_flight.join_next().await.is_some() {}
+    }
+}
+
+/// One attempt to `host` has ended.
+fn finished(per_host: &mut HashMap<String, usize>, done: Result<String, tokio::task::JoinError>) {
+    let Ok(host) = done else { return };
+    if let Some(n) = per_host.get_mut(&host) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            per_host.remove(&host);
+        }
     }
 }
 

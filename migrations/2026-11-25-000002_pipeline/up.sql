@@ -21,10 +21,16 @@ ALTER TABLE payments
 -- final status is always followed by its webhook, whatever crashes after the commit.
 CREATE TABLE webhook_deliveries (
     id               uuid PRIMARY KEY,
+    -- The `webhook-id` header: the same for every attempt, and for a resend of the same event,
+    -- so merchants can deduplicate on it.
+    message_id       text NOT NULL,
     payment_id       uuid NOT NULL REFERENCES payments (id),
     merchant         text NOT NULL,
     event_type       text NOT NULL,
     url              text NOT NULL,
+    -- The URL's host: a sender limits attempts in flight per host, so one dead endpoint cannot
+    -- take every slot.
+    host             text NOT NULL,
     -- The exact body every attempt sends (so the signature covers the same bytes each time).
     payload          jsonb NOT NULL,
     status           text NOT NULL DEFAULT 'pending'

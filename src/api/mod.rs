@@ -2,6 +2,7 @@
 
 pub mod health;
 pub mod payments;
+pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +26,9 @@ pub struct AppState {
     /// Upper bound for the database work of one request: waiting for a connection plus the
     /// queries. Past it the request answers 503 instead of hanging.
     pub db_deadline: Duration,
+    /// `webhook.allow_private_targets`: when false, webhook URLs pointing inside the network
+    /// are refused.
+    pub allow_private_targets: bool,
 }
 
 impl AppState {
@@ -34,6 +38,7 @@ impl AppState {
             merchants: Merchants::new(settings),
             max_body: settings.server.max_body.0,
             db_deadline: settings.database.acquire_timeout + settings.database.query_timeout,
+            allow_private_targets: settings.webhook.allow_private_targets,
         }
     }
 }
@@ -136,6 +141,16 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/api/v1/payments/{id}")
             .route(web::get().to(payments::get))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/v1/payments/{id}/webhook-attempts")
+            .route(web::get().to(webhooks::attempts))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/v1/payments/{id}/webhook/resend")
+            .route(web::post().to(webhooks::resend))
             .default_service(web::to(method_not_allowed)),
     )
     .default_service(web::to(not_found));

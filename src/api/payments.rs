@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{AppState, authenticate, read_body};
-use crate::db::payments::{self as payments_db, NewPayment, Payment};
+use crate::db::payments::{self as payments_db, NewPayment, Payment, PaymentView};
 use crate::db::{self, DbError};
 use crate::domain::{self, Currency};
 use crate::error::ApiError;
@@ -20,6 +20,9 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 pub const MAX_DESCRIPTION_CHARS: usize = 1000;
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 pub const MAX_WEBHOOK_URL_LEN: usize = 2048;
+/// How long creation waits for DNS when checking a webhook host; a name that does not resolve in
+/// time is accepted and checked again at delivery.
+const SSRF_RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 const FIELDS: [&str; 5] = [
     "amount",
     "currency",
@@ -290,10 +293,57 @@ pub struct PaymentOut {
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
     pub processed_at: Option<OffsetDateTime>,
+    pub webhook: WebhookOut,
 }
 
-impl From<Payment> for PaymentOut {
-    fn from(p: Payment) -> Self {
+/// Where the payment's webhook stands (its newest delivery).
+#[derive(Debug, Serialize)]
+pub struct WebhookOut {
+    /// `none` (no webhook_url), `pending`, `delivered` or `failed`.
+    pub status: String,
+    pub attempts: i32,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_attempt_at: Option<OffsetDateTime>,
+    pub last_status_code: Option<i32>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
+}
+
+impl From<PaymentView> for PaymentOut {
+    fn from(v: PaymentView) -> Self {
+        let webhook = match (&v.payment.webhook_url, v.webhook_status) {
+            (None, _) => WebhookOut {
+                status: "none".into(),
+                attempts: 0,
+                last_attempt_at: None,
+                last_status_code: None,
+                next_attempt_at: None,
+            },
+            // Not final yet: the webhook will be due once it is.
+            (Some(_), None) => WebhookOut {
+                status: "pending".into(),
+                attempts: 0,
+                last_attempt_at: None,
+                last_status_code: None,
+                next_attempt_at: None,
+            },
+            (Some(_), Some(status)) => WebhookOut {
+                next_attempt_at: v.webhook_next_attempt_at.filter(|_| status == "pending"),
+                status,
+                attempts: v.webhook_attempts.unwrap_or(0),
+                last_attempt_at: v.webhook_last_attempt_at,
+                last_status_code: v.webhook_last_status_code,
+            },
+        };
+        PaymentOut {
+            webhook,
+            ..PaymentOut::from_payment(v.payment)
+        }
+    }
+}
+
+impl PaymentOut {
+    fn from_payment(p: Payment) -> Self {
         PaymentOut {
             id: p.id,
             amount: domain::format_amount(p.amount),
@@ -305,6 +355,13 @@ impl From<Payment> for PaymentOut {
             webhook_url: p.webhook_url,
             created_at: p.created_at,
             processed_at: p.processed_at,
+            webhook: WebhookOut {
+                status: "none".into(),
+                attempts: 0,
+                last_attempt_at: None,
+                last_status_code: None,
+                next_attempt_at: None,
+            },
         }
     }
 }
@@ -344,6 +401,15 @@ pub async fn create(
     check_content_type(&req)?;
     let body = read_body(&req, payload, state.max_body).await?;
     let input = PaymentRequest::parse(&body)?;
+    if let Some(url) = &input.webhook_url
+        && !state.allow_private_targets
+    {
+        let parsed = url::Url::parse(url)
+            .map_err(|_| ApiError::validation("webhook_url", "is not a valid URL"))?;
+        crate::ssrf::check_target(&parsed, SSRF_RESOLVE_TIMEOUT)
+            .await
+            .map_err(|e| ApiError::validation("webhook_url", e.to_string()))?;
+    }
     let fingerprint = input.fingerprint();
     let new = NewPayment {
         id: Uuid::now_v7(),
@@ -415,13 +481,13 @@ pub async fn get(
 ) -> Result<HttpResponse, ApiError> {
     let merchant = authenticate(&req, &state)?;
     let id = Uuid::parse_str(&path.into_inner()).map_err(|_| ApiError::NotFound("payment"))?;
-    let payment = db::with_timeout(state.db_deadline, async {
+    let view = db::with_timeout(state.db_deadline, async {
         let mut conn = db::conn(&state.pool).await?;
-        Ok(payments_db::find_for_merchant(&mut conn, id, &merchant).await?)
+        Ok(payments_db::view_for_merchant(&mut conn, id, &merchant).await?)
     })
     .await?
     .ok_or(ApiError::NotFound("payment"))?;
-    Ok(HttpResponse::Ok().json(PaymentOut::from(payment)))
+    Ok(HttpResponse::Ok().json(PaymentOut::from(view)))
 }
 
 #[cfg(test)]

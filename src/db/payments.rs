@@ -197,3 +197,43 @@ pub async fn release_claims(conn: &mut AsyncPgConnection, tokens: &[Uuid]) -> Qu
     .execute(conn)
     .await
 }
+
+/// A payment with the state of its newest webhook delivery, read in one round trip.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct PaymentView {
+    #[diesel(embed)]
+    pub payment: Payment,
+    #[diesel(sql_type = sql_types::Nullable<sql_types::Text>)]
+    pub webhook_status: Option<String>,
+    #[diesel(sql_type = sql_types::Nullable<sql_types::Integer>)]
+    pub webhook_attempts: Option<i32>,
+    #[diesel(sql_type = sql_types::Nullable<sql_types::Timestamptz>)]
+    pub webhook_last_attempt_at: Option<OffsetDateTime>,
+    #[diesel(sql_type = sql_types::Nullable<sql_types::Integer>)]
+    pub webhook_last_status_code: Option<i32>,
+    #[diesel(sql_type = sql_types::Nullable<sql_types::Timestamptz>)]
+    pub webhook_next_attempt_at: Option<OffsetDateTime>,
+}
+
+/// [`find_for_merchant`] plus the newest webhook delivery, in one statement.
+pub async fn view_for_merchant(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    merchant: &str,
+) -> QueryResult<Option<PaymentView>> {
+    diesel::sql_query(
+        "SELECT p.*, d.status AS webhook_status, d.attempts AS webhook_attempts, \
+                d.last_attempt_at AS webhook_last_attempt_at, \
+                d.last_status_code AS webhook_last_status_code, \
+                d.next_attempt_at AS webhook_next_attempt_at \
+         FROM payments p \
+         LEFT JOIN LATERAL (SELECT * FROM webhook_deliveries w WHERE w.payment_id = p.id \
+                            ORDER BY w.created_at DESC, w.id DESC LIMIT 1) d ON true \
+         WHERE p.id = $1 AND p.merchant = $2",
+    )
+    .bind::<sql_types::Uuid, _>(id)
+    .bind::<sql_types::Text, _>(merchant)
+    .get_result(conn)
+    .await
+    .optional()
+}

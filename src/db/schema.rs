@@ -61,10 +61,12 @@ diesel::table! {
 diesel::table! {
     webhook_deliveries (id) {
         id -> Uuid,
+        message_id -> Text,
         payment_id -> Uuid,
         merchant -> Text,
         event_type -> Text,
         url -> Text,
+        host -> Text,
         payload -> Jsonb,
         status -> Text,
         attempts -> Int4,

@@ -12,10 +12,12 @@ use super::schema::{webhook_attempts, webhook_deliveries};
 #[diesel(table_name = webhook_deliveries, check_for_backend(diesel::pg::Pg))]
 pub struct Delivery {
     pub id: Uuid,
+    pub message_id: String,
     pub payment_id: Uuid,
     pub merchant: String,
     pub event_type: String,
     pub url: String,
+    pub host: String,
     pub payload: serde_json::Value,
     pub status: String,
     pub attempts: i32,
@@ -30,10 +32,12 @@ pub struct Delivery {
 #[diesel(table_name = webhook_deliveries)]
 pub struct NewDelivery<'a> {
     pub id: Uuid,
+    pub message_id: &'a str,
     pub payment_id: Uuid,
     pub merchant: &'a str,
     pub event_type: &'a str,
     pub url: &'a str,
+    pub host: &'a str,
     pub payload: &'a serde_json::Value,
 }
 
@@ -44,26 +48,96 @@ pub async fn insert(conn: &mut AsyncPgConnection, d: &NewDelivery<'_>) -> QueryR
         .await
 }
 
-/// Claims up to `limit` due deliveries for one attempt each: counts the attempt and pushes
-/// `next_attempt_at` out by `lease`, so a sender that dies mid-attempt leaves the delivery due
-/// again once the lease has passed. Several senders share the work (SKIP LOCKED).
+/// Claims up to `limit` due deliveries for one attempt each, skipping the hosts in
+/// `busy_hosts`: counts the attempt and pushes `next_attempt_at` out by `lease`, so a sender
+/// that dies mid-attempt leaves the delivery due again once the lease has passed. Several
+/// senders share the work (SKIP LOCKED).
 pub async fn claim_due(
     conn: &mut AsyncPgConnection,
     limit: i64,
     lease: std::time::Duration,
+    busy_hosts: &[String],
 ) -> QueryResult<Vec<Delivery>> {
     diesel::sql_query(
         "UPDATE webhook_deliveries SET attempts = attempts + 1, last_attempt_at = now(), \
                 next_attempt_at = now() + $2 * interval '1 millisecond' \
          WHERE id IN (SELECT id FROM webhook_deliveries \
-                      WHERE status = 'pending' AND next_attempt_at <= now() \
+                      WHERE status = 'pending' AND next_attempt_at <= now() AND host <> ALL($3) \
                       ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
          RETURNING *",
     )
     .bind::<sql_types::BigInt, _>(limit)
     .bind::<sql_types::BigInt, _>(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
+    .bind::<sql_types::Array<sql_types::Text>, _>(busy_hosts)
     .load(conn)
     .await
+}
+
+/// Gives claimed deliveries back without attempting them (a sender took more for one host than
+/// its per-host limit allows): due again at once, attempt not counted.
+pub async fn unclaim(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> QueryResult<usize> {
+    use webhook_deliveries::dsl as d;
+    diesel::update(
+        webhook_deliveries::table
+            .filter(d::id.eq_any(ids))
+            .filter(d::status.eq("pending")),
+    )
+    .set((
+        d::attempts.eq(d::attempts - 1),
+        d::next_attempt_at.eq(diesel::dsl::now),
+    ))
+    .execute(conn)
+    .await
+}
+
+/// The newest delivery of a payment, if any.
+pub async fn latest_for_payment(
+    conn: &mut AsyncPgConnection,
+    payment_id: Uuid,
+) -> QueryResult<Option<Delivery>> {
+    webhook_deliveries::table
+        .filter(webhook_deliveries::payment_id.eq(payment_id))
+        .order((
+            webhook_deliveries::created_at.desc(),
+            webhook_deliveries::id.desc(),
+        ))
+        .select(Delivery::as_select())
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// Makes a pending delivery due now (a resend while retries are still scheduled).
+pub async fn make_due_now(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Option<Delivery>> {
+    use webhook_deliveries::dsl as d;
+    diesel::update(
+        webhook_deliveries::table
+            .filter(d::id.eq(id))
+            .filter(d::status.eq("pending")),
+    )
+    .set(d::next_attempt_at.eq(diesel::dsl::now))
+    .returning(Delivery::as_returning())
+    .get_result(conn)
+    .await
+    .optional()
+}
+
+/// Every attempt of every delivery of a payment, oldest first.
+pub async fn attempts_for_payment(
+    conn: &mut AsyncPgConnection,
+    payment_id: Uuid,
+) -> QueryResult<Vec<(String, Uuid, Attempt)>> {
+    webhook_attempts::table
+        .inner_join(webhook_deliveries::table)
+        .filter(webhook_deliveries::payment_id.eq(payment_id))
+        .order((webhook_attempts::attempted_at, webhook_attempts::id))
+        .select((
+            webhook_deliveries::message_id,
+            webhook_deliveries::id,
+            Attempt::as_select(),
+        ))
+        .load(conn)
+        .await
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]

@@ -33,7 +33,6 @@ use uuid::Uuid;
 use crate::amqp::{self, topology};
 use crate::config::Settings;
 use crate::db::payments::{self as payments_db, Payment};
-use crate::db::webhooks::{self as webhooks_db, NewDelivery};
 use crate::db::{self, DbError, Pool};
 use crate::domain::{self, PaymentStatus};
 use crate::gateway::{Gateway, GatewayError, SimulatedGateway};
@@ -253,21 +252,7 @@ impl Processor {
                     let Some(p) = payments_db::finalise(tx, id, token, status).await? else {
                         return Ok(None);
                     };
-                    if let Some(url) = &p.webhook_url {
-                        let payload = webhook::payload(&p);
-                        webhooks_db::insert(
-                            tx,
-                            &NewDelivery {
-                                id: Uuid::now_v7(),
-                                payment_id: p.id,
-                                merchant: &p.merchant,
-                                event_type: webhook::event_type(status),
-                                url,
-                                payload: &payload,
-                            },
-                        )
-                        .await?;
-                    }
+                    webhook::schedule(tx, &p, None).await?;
                     Ok(Some(p))
                 })
                 .await?)

@@ -44,6 +44,8 @@ async fn create_answers_202_and_get_returns_the_full_payment() {
             "webhook_url": "https://example.com/webhook",
             "created_at": created,
             "processed_at": null,
+            "webhook": {"status": "pending", "attempts": 0, "last_attempt_at": null,
+                        "last_status_code": null, "next_attempt_at": null},
         })
     );
     // The other key of the same merchant (rotation) sees it too.

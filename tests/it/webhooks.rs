@@ -205,3 +205,342 @@ async fn a_webhook_due_when_the_process_stopped_is_delivered_after_restart() {
     assert_eq!(got[0].json()["payment_id"], id.as_str());
     roles.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_payment_shows_its_webhook_and_every_attempt_and_can_resend() {
+    let db = TestDb::new().await;
+    let (s, _broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let receiver = Receiver::start().await;
+    receiver.set_default(Reply::Status(500));
+    let mut roles = Roles::new();
+    roles.consume(&s, Arc::new(SimulatedGateway::new(&s.gateway)));
+
+    let plain = app
+        .post_payment(KEY_A, "plain", json!({"amount": "1", "currency": "USD"}))
+        .await;
+    let plain_id = plain.json["payment_id"].as_str().unwrap().to_string();
+    let id = pay(&app, &s, "visible", &receiver.url("/")).await;
+    eventually(
+        Duration::from_secs(10),
+        "the schedule to be exhausted",
+        || async { (delivery_status(&app, &id, "failed") == 1).then_some(()) },
+    )
+    .await;
+    let w = app.get_payment(KEY_A, &id).await.json["webhook"].clone();
+    assert_eq!(w["status"], "failed");
+    assert_eq!(w["attempts"], 3);
+    assert_eq!(w["last_status_code"], 500);
+    assert!(w["last_attempt_at"].is_string());
+    assert!(w["next_attempt_at"].is_null());
+    eventually(
+        Duration::from_secs(10),
+        "the plain payment to be final",
+        || async {
+            (app.get_payment(KEY_A, &plain_id).await.json["status"] != "pending").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        app.get_payment(KEY_A, &plain_id).await.json["webhook"]["status"],
+        "none"
+    );
+
+    let list = request(
+        "GET",
+        &app.url(&format!("/api/v1/payments/{id}/webhook-attempts")),
+        &[("X-API-Key", KEY_A)],
+        None,
+    )
+    .await;
+    assert_eq!(list.status, 200, "{}", list.text);
+    let attempts = list.json["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3);
+    assert_eq!(
+        attempts
+            .iter()
+            .map(|a| a["attempt"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a["status_code"] == 500 && a["response_body"] == "ok")
+    );
+    let webhook_id = attempts[0]["webhook_id"].as_str().unwrap().to_string();
+    // Merchant-scoped: B sees nothing of A's payment.
+    let other = request(
+        "GET",
+        &app.url(&format!("/api/v1/payments/{id}/webhook-attempts")),
+        &[("X-API-Key", KEY_B)],
+        None,
+    )
+    .await;
+    assert_eq!(other.status, 404);
+    let other = request(
+        "POST",
+        &app.url(&format!("/api/v1/payments/{id}/webhook/resend")),
+        &[("X-API-Key", KEY_B)],
+        None,
+    )
+    .await;
+    assert_eq!(other.status, 404);
+
+    // The endpoint is back: resend delivers the same event, with the same webhook-id.
+    receiver.set_default(Reply::Status(200));
+    let r = request(
+        "POST",
+        &app.url(&format!("/api/v1/payments/{id}/webhook/resend")),
+        &[("X-API-Key", KEY_A)],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    assert_eq!(r.json["webhook_id"], webhook_id.as_str());
+    eventually(
+        Duration::from_secs(10),
+        "the resend to be delivered",
+        || async {
+            (app.get_payment(KEY_A, &id).await.json["webhook"]["status"] == "delivered")
+                .then_some(())
+        },
+    )
+    .await;
+    let got = receiver.received();
+    assert_eq!(got.len(), 4);
+    assert_eq!(got[3].headers["webhook-id"], webhook_id);
+    assert_eq!(got[3].body, got[0].body, "the same event");
+
+    // Nothing to resend for a payment without webhook_url.
+    let r = request(
+        "POST",
+        &app.url(&format!("/api/v1/payments/{plain_id}/webhook/resend")),
+        &[("X-API-Key", KEY_A)],
+        None,
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (409, "no_webhook_url"));
+    roles.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resend_of_a_pending_payment_is_refused() {
+    let app = TestApp::spawn().await;
+    let r = app
+        .post_payment(
+            KEY_A,
+            "p",
+            json!({"amount": "1", "currency": "USD", "webhook_url": "https://example.com/h"}),
+        )
+        .await;
+    let id = r.json["payment_id"].as_str().unwrap();
+    let r = request(
+        "POST",
+        &app.url(&format!("/api/v1/payments/{id}/webhook/resend")),
+        &[("X-API-Key", KEY_A)],
+        None,
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (409, "payment_not_final"));
+    let r = request(
+        "POST",
+        &app.url("/api/v1/payments/not-a-uuid/webhook/resend"),
+        &[("X-API-Key", KEY_A)],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signatures_verify_with_the_secret_only_and_rotation_signs_twice() {
+    let db = TestDb::new().await;
+    let (mut s, _broker) = fast(&db);
+    let old = "whsec_5FXVJnDsZtZr1/Khk2JT33r5q9dF2GBAPID525tBOoU=";
+    for m in s.merchants.iter_mut().filter(|m| m.name == "a") {
+        m.previous_webhook_secrets = vec![async_pay::config::Secret::new(old)];
+    }
+    s.validate().unwrap();
+    let app = TestApp::spawn_with(db, s.clone());
+    let receiver = Receiver::start().await;
+    let mut roles = Roles::new();
+    roles.consume(&s, Arc::new(SimulatedGateway::new(&s.gateway)));
+    pay(&app, &s, "sig", &receiver.url("/")).await;
+    let got = eventually(Duration::from_secs(10), "the webhook", || async {
+        let r = receiver.received();
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    let w = &got[0];
+    let ts: i64 = w.headers["webhook-timestamp"].parse().unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!((now - ts).abs() < 60, "the timestamp is the attempt's time");
+    let sigs: Vec<&str> = w.headers["webhook-signature"].split(' ').collect();
+    assert_eq!(sigs.len(), 2, "current and previous secret during rotation");
+    let key = |s: &str| async_pay::webhook::secret_key(&async_pay::config::Secret::new(s)).unwrap();
+    let id = &w.headers["webhook-id"];
+    assert_eq!(
+        sigs[0],
+        async_pay::webhook::sign(&key(SECRET_A), id, ts, &w.body)
+    );
+    assert_eq!(
+        sigs[1],
+        async_pay::webhook::sign(&key(old), id, ts, &w.body)
+    );
+    // Another secret, another body or another timestamp do not verify.
+    let stranger = "whsec_dGhpcyBpcyBub3QgdGhlIHJpZ2h0IHNlY3JldCBhdCBhbGw=";
+    assert!(!sigs.contains(&async_pay::webhook::sign(&key(stranger), id, ts, &w.body).as_str()));
+    assert!(
+        !sigs.contains(&async_pay::webhook::sign(&key(SECRET_A), id, ts + 1, &w.body).as_str())
+    );
+    assert!(!sigs.contains(&async_pay::webhook::sign(&key(SECRET_A), id, ts, b"{}").as_str()));
+    roles.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn private_webhook_targets_are_refused_at_creation() {
+    let db = TestDb::new().await;
+    let mut s = settings(&db.url);
+    s.webhook.allow_private_targets = false;
+    let app = TestApp::spawn_with(db, s);
+    for (i, url) in [
+        "http://127.0.0.1:8080/hook",
+        "http://2130706433/",
+        "http://0x7f.0.0.1/",
+        "http://[::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://10.0.0.5/",
+        "http://172.16.3.4/",
+        "http://192.168.1.1/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fd00::1]/",
+        "http://[fe80::1]/",
+        "http://0.0.0.0/",
+        "http://localhost/",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = app
+            .post_payment(
+                KEY_A,
+                &format!("ssrf-{i}"),
+                json!({"amount": "1", "currency": "RUB", "webhook_url": url}),
+            )
+            .await;
+        assert_eq!(r.status, 422, "{url}: {}", r.text);
+        assert_eq!(r.json["error"]["field"], "webhook_url");
+    }
+    let r = app
+        .post_payment(
+            KEY_A,
+            "public",
+            json!({"amount": "1", "currency": "RUB", "webhook_url": "https://93.184.216.34/hook"}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_private_target_is_refused_again_at_delivery() {
+    let db = TestDb::new().await;
+    // The API let it in (as if DNS had said "public" then); the sender checks what it connects to.
+    let (s, _broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let receiver = Receiver::start().await;
+    let mut guarded = s.clone();
+    guarded.webhook.allow_private_targets = false;
+    let mut roles = Roles::new();
+    roles.consume(&guarded, Arc::new(SimulatedGateway::new(&s.gateway)));
+    let id = pay(
+        &app,
+        &s,
+        "rebind",
+        &format!("http://localhost:{}/", receiver.addr.port()),
+    )
+    .await;
+    eventually(Duration::from_secs(10), "the delivery to fail", || async {
+        (delivery_status(&app, &id, "failed") == 1).then_some(())
+    })
+    .await;
+    assert!(
+        receiver.received().is_empty(),
+        "nothing reached the private address"
+    );
+    let guarded_errors = app.db.count(&format!(
+        "SELECT count(*) AS n FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id \
+         WHERE d.payment_id = '{id}' AND a.error LIKE '%SSRF%'"
+    ));
+    assert_eq!(guarded_errors, 3);
+    roles.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_endpoint_does_not_delay_other_merchants() {
+    let db = TestDb::new().await;
+    let (mut s, _broker) = fast(&db);
+    s.webhook.timeout = Duration::from_secs(5);
+    s.amqp.prefetch = 256;
+    let app = TestApp::spawn_with(db, s.clone());
+    let dead = Receiver::start().await;
+    dead.set_default(Reply::Hang);
+    let good = Receiver::start().await;
+    let mut roles = Roles::new();
+    roles
+        .relay(&s)
+        .consume(&s, Arc::new(SimulatedGateway::new(&s.gateway)));
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let r = app
+            .post_payment(
+                KEY_A,
+                &format!("dead-{i}"),
+                json!({"amount": "1", "currency": "RUB", "webhook_url": dead.url("/")}),
+            )
+            .await;
+        ids.push(r.json["payment_id"].as_str().unwrap().to_string());
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the dead endpoint to be saturated",
+        || async { (dead.received().len() >= s.webhook.per_host_concurrency).then_some(()) },
+    )
+    .await;
+    // Now a payment of another merchant, whose endpoint works (another host name).
+    let started = std::time::Instant::now();
+    let r = app
+        .post_payment(
+            KEY_B,
+            "alive",
+            json!({"amount": "1", "currency": "RUB", "webhook_url": format!("http://localhost:{}/", good.addr.port())}),
+        )
+        .await;
+    let good_id = r.json["payment_id"].as_str().unwrap().to_string();
+    eventually(
+        Duration::from_secs(4),
+        "the good endpoint's webhook, while the dead one hangs",
+        || async { (!good.received().is_empty()).then_some(()) },
+    )
+    .await;
+    assert!(
+        started.elapsed() < s.webhook.timeout,
+        "delivered before any dead attempt timed out"
+    );
+    assert!(
+        dead.received().len() <= s.webhook.per_host_concurrency,
+        "the dead host holds at most its share"
+    );
+    // And every payment was finalised regardless of its webhook.
+    assert_eq!(
+        app.db
+            .count("SELECT count(*) AS n FROM payments WHERE status = 'pending'"),
+        0,
+        "payments do not wait for webhooks"
+    );
+    assert_ne!(
+        app.get_payment(KEY_B, &good_id).await.json["status"],
+        "pending"
+    );
+    roles.stop().await;
+}

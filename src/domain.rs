@@ -12,7 +12,7 @@ pub const MAX_INTEGER_DIGITS: u32 = 16;
 /// Amounts are in major units with at most this many decimal places (kopecks, cents).
 pub const MAX_SCALE: u32 = 2;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Currency {
     Rub,
@@ -48,7 +48,7 @@ impl fmt::Display for Currency {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PaymentStatus {
     Pending,

@@ -36,17 +36,21 @@ pub enum ApiError {
     Internal(#[source] anyhow::Error),
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: Detail<'a>,
+/// The body of every error response.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
 }
 
-#[derive(Serialize)]
-struct Detail<'a> {
-    code: &'a str,
-    message: String,
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `validation_failed`, `malformed_json`, `unauthorized`, ...
+    pub code: String,
+    /// For humans; may change.
+    pub message: String,
+    /// The offending field, for `validation_failed`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
+    pub field: Option<String>,
 }
 
 impl ApiError {
@@ -97,12 +101,12 @@ impl ResponseError for ApiError {
             log::error!("internal error: {cause:#}");
         }
         let field = match self {
-            ApiError::Validation { field, .. } => Some(field.as_str()),
+            ApiError::Validation { field, .. } => Some(field.clone()),
             _ => None,
         };
-        let body = Body {
-            error: Detail {
-                code: self.code(),
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code().to_string(),
                 message: self.to_string(),
                 field,
             },

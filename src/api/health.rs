@@ -2,11 +2,34 @@
 
 use actix_web::{HttpResponse, web};
 use diesel_async::RunQueryDsl;
-use serde_json::json;
+use serde::Serialize;
 
 use super::AppState;
 use crate::db;
+use crate::error::ErrorDetail;
 
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct HealthOut {
+    /// `ok` or `unavailable`.
+    pub status: &'static str,
+    /// `ok` or `unreachable`.
+    pub database: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorDetail>,
+}
+
+/// Health check
+///
+/// No API key needed. 200 when the database answers, 503 otherwise.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Up, database reachable", body = HealthOut),
+        (status = 503, description = "Database unreachable", body = HealthOut),
+    )
+)]
 pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     let probe = db::with_timeout(state.db_deadline, async {
         let mut conn = db::conn(&state.pool).await?;
@@ -15,14 +38,22 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     })
     .await;
     match probe {
-        Ok(()) => HttpResponse::Ok().json(json!({"status": "ok", "database": "ok"})),
+        Ok(()) => HttpResponse::Ok().json(HealthOut {
+            status: "ok",
+            database: "ok",
+            error: None,
+        }),
         Err(e) => {
             log::warn!("health check: {e}");
-            HttpResponse::ServiceUnavailable().json(json!({
-                "status": "unavailable",
-                "database": "unreachable",
-                "error": {"code": "database_unavailable", "message": "the database is unreachable"},
-            }))
+            HttpResponse::ServiceUnavailable().json(HealthOut {
+                status: "unavailable",
+                database: "unreachable",
+                error: Some(ErrorDetail {
+                    code: "database_unavailable".into(),
+                    message: "the database is unreachable".into(),
+                    field: None,
+                }),
+            })
         }
     }
 }

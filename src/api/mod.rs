@@ -1,12 +1,15 @@
 //! The HTTP API: routes, authentication, request reading. Handlers live in one file per resource.
 
 pub mod health;
+pub mod openapi;
 pub mod payments;
 pub mod webhooks;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_web::Route;
+use actix_web::http::Method;
 use actix_web::http::header::CONTENT_LENGTH;
 use actix_web::web::{self, Bytes, BytesMut};
 use actix_web::{HttpRequest, HttpResponse};
@@ -126,34 +129,60 @@ pub async fn read_body(
     Ok(buf.freeze())
 }
 
-/// Every route. Unknown paths and wrong methods answer the JSON error shape too.
+/// Every route of the API: path, method, handler. The single list both the server and the
+/// OpenAPI test read, so a route cannot exist undocumented (or the other way round).
+pub fn route_table() -> Vec<(&'static str, Method, Route)> {
+    vec![
+        ("/health", Method::GET, web::get().to(health::health)),
+        (
+            "/openapi.json",
+            Method::GET,
+            web::get().to(openapi::document),
+        ),
+        (
+            "/api/v1/payments",
+            Method::POST,
+            web::post().to(payments::create),
+        ),
+        (
+            "/api/v1/payments",
+            Method::GET,
+            web::get().to(payments::list),
+        ),
+        (
+            "/api/v1/payments/{id}",
+            Method::GET,
+            web::get().to(payments::get),
+        ),
+        (
+            "/api/v1/payments/{id}/webhook-attempts",
+            Method::GET,
+            web::get().to(webhooks::attempts),
+        ),
+        (
+            "/api/v1/payments/{id}/webhook/resend",
+            Method::POST,
+            web::post().to(webhooks::resend),
+        ),
+    ]
+}
+
+/// Registers [`route_table`]. Unknown paths and wrong methods answer the JSON error shape too.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/health")
-            .route(web::get().to(health::health))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/api/v1/payments")
-            .route(web::post().to(payments::create))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/api/v1/payments/{id}")
-            .route(web::get().to(payments::get))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/api/v1/payments/{id}/webhook-attempts")
-            .route(web::get().to(webhooks::attempts))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/api/v1/payments/{id}/webhook/resend")
-            .route(web::post().to(webhooks::resend))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .default_service(web::to(not_found));
+    let mut resources: Vec<(&'static str, actix_web::Resource)> = Vec::new();
+    for (path, _, route) in route_table() {
+        match resources.iter_mut().find(|(p, _)| *p == path) {
+            Some((_, r)) => {
+                let taken = std::mem::replace(r, web::resource(path));
+                *r = taken.route(route);
+            }
+            None => resources.push((path, web::resource(path).route(route))),
+        }
+    }
+    for (_, r) in resources {
+        cfg.service(r.default_service(web::to(method_not_allowed)));
+    }
+    cfg.default_service(web::to(not_found));
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

@@ -13,8 +13,8 @@ use uuid::Uuid;
 use super::{AppState, authenticate, read_body};
 use crate::db::payments::{self as payments_db, NewPayment, Payment, PaymentView};
 use crate::db::{self, DbError};
-use crate::domain::{self, Currency};
-use crate::error::ApiError;
+use crate::domain::{self, Currency, PaymentStatus};
+use crate::error::{ApiError, ErrorBody};
 
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 pub const MAX_DESCRIPTION_CHARS: usize = 1000;
@@ -271,21 +271,49 @@ fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// The request body of `POST /api/v1/payments` (documentation of what [`PaymentRequest::parse`]
+/// accepts; unknown fields are refused).
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code, reason = "only describes the body for the OpenAPI document")]
+pub struct PaymentIn {
+    /// Greater than 0, at most 2 decimal places, at most 16 digits before the point. A JSON
+    /// string (`"100.50"`) or a JSON number (`100.5`), read exactly.
+    #[schema(value_type = String, example = "100.50")]
+    amount: String,
+    currency: Currency,
+    /// At most 1000 characters.
+    #[schema(max_length = 1000)]
+    description: Option<String>,
+    /// Any JSON object, at most 16 KiB.
+    #[schema(value_type = Option<Object>)]
+    metadata: Option<Value>,
+    /// Absolute http(s) URL, at most 2048 characters, not pointing to a private network.
+    #[schema(max_length = 2048, example = "https://example.com/webhook")]
+    webhook_url: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedOut {
     pub payment_id: Uuid,
+    #[schema(value_type = PaymentStatus)]
     pub status: String,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PaymentOut {
     pub id: Uuid,
+    /// Always two decimals, as a string: `"100.50"`.
+    #[schema(example = "100.50")]
     pub amount: String,
+    #[schema(value_type = Currency)]
     pub currency: String,
     pub description: Option<String>,
+    #[schema(value_type = Object)]
     pub metadata: Value,
+    #[schema(value_type = PaymentStatus)]
     pub status: String,
     pub idempotency_key: String,
     pub webhook_url: Option<String>,
@@ -297,9 +325,10 @@ pub struct PaymentOut {
 }
 
 /// Where the payment's webhook stands (its newest delivery).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct WebhookOut {
     /// `none` (no webhook_url), `pending`, `delivered` or `failed`.
+    #[schema(pattern = "^(none|pending|delivered|failed)$")]
     pub status: String,
     pub attempts: i32,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -391,6 +420,31 @@ fn constraint_error(e: &DieselError) -> Option<ApiError> {
     ))
 }
 
+/// Create a payment
+///
+/// Stores the payment and its `payment.created` event in one transaction and answers at once;
+/// processing happens asynchronously. Idempotent per merchant and `Idempotency-Key`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/payments",
+    tag = "payments",
+    request_body(content = PaymentIn, content_type = "application/json"),
+    params(
+        ("Idempotency-Key" = String, Header, description = "Unique per payment (1 to 255 characters); a retry with the same key and body returns the same payment"),
+    ),
+    responses(
+        (status = 202, description = "Accepted (or replayed: header Idempotent-Replayed: true)", body = CreatedOut,
+            headers(("Location" = String, description = "URL of the payment"))),
+        (status = 400, description = "Malformed JSON or a missing/invalid Idempotency-Key", body = ErrorBody),
+        (status = 401, description = "Missing or unknown X-API-Key", body = ErrorBody),
+        (status = 409, description = "The Idempotency-Key was used with another body", body = ErrorBody),
+        (status = 413, description = "Body over server.max_body", body = ErrorBody),
+        (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
+        (status = 422, description = "A field breaks a rule; `field` names it", body = ErrorBody),
+        (status = 503, description = "Database unavailable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn create(
     req: HttpRequest,
     payload: web::Payload,
@@ -474,6 +528,20 @@ pub async fn create(
     }))
 }
 
+/// Fetch a payment
+#[utoipa::path(
+    get,
+    path = "/api/v1/payments/{id}",
+    tag = "payments",
+    params(("id" = String, Path, description = "Payment id (UUID)")),
+    responses(
+        (status = 200, description = "The payment", body = PaymentOut),
+        (status = 401, description = "Missing or unknown X-API-Key", body = ErrorBody),
+        (status = 404, description = "Unknown id, malformed id, or another merchant's payment", body = ErrorBody),
+        (status = 503, description = "Database unavailable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn get(
     req: HttpRequest,
     path: web::Path<String>,
@@ -488,6 +556,145 @@ pub async fn get(
     .await?
     .ok_or(ApiError::NotFound("payment"))?;
     Ok(HttpResponse::Ok().json(PaymentOut::from(view)))
+}
+
+/// Default and largest page of the payment list.
+pub const DEFAULT_PAGE: i64 = 50;
+pub const MAX_PAGE: i64 = 200;
+
+/// Query parameters of the payment list (documentation; parsed by hand for JSON errors).
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(
+    dead_code,
+    reason = "only describes the query for the OpenAPI document"
+)]
+pub struct ListQuery {
+    /// Only payments with this status.
+    status: Option<PaymentStatus>,
+    /// Only payments created strictly after this time (RFC 3339).
+    created_after: Option<OffsetDateTime>,
+    /// Only payments created strictly before this time (RFC 3339).
+    created_before: Option<OffsetDateTime>,
+    /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PaymentList {
+    /// Newest first.
+    pub data: Vec<PaymentOut>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+fn encode_cursor(created_at: OffsetDateTime, id: Uuid) -> String {
+    use base64::Engine;
+    let micros = created_at.unix_timestamp_nanos() / 1000;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{micros}.{id}"))
+}
+
+fn decode_cursor(raw: &str) -> Option<(OffsetDateTime, Uuid)> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw)
+        .ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (micros, id) = text.split_once('.')?;
+    let at =
+        OffsetDateTime::from_unix_timestamp_nanos(micros.parse::<i128>().ok()?.checked_mul(1000)?)
+            .ok()?;
+    Some((at, Uuid::parse_str(id).ok()?))
+}
+
+fn parse_list_query(query: &str) -> Result<(payments_db::ListFilter, i64), ApiError> {
+    let mut filter = payments_db::ListFilter::default();
+    let mut limit = DEFAULT_PAGE;
+    let time = |field: &'static str, v: &str| {
+        OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).map_err(|_| {
+            ApiError::validation(
+                field,
+                "must be an RFC 3339 time such as 2026-11-25T12:00:00Z",
+            )
+        })
+    };
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match k.as_ref() {
+            "status" => {
+                filter.status = Some(v.parse().map_err(|_| {
+                    ApiError::validation("status", "must be one of pending, succeeded, failed")
+                })?)
+            }
+            "created_after" => filter.created_after = Some(time("created_after", &v)?),
+            "created_before" => filter.created_before = Some(time("created_before", &v)?),
+            "limit" => {
+                limit = v
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::validation(
+                            "limit",
+                            format!("must be a whole number from 1 to {MAX_PAGE}"),
+                        )
+                    })?
+            }
+            "cursor" => {
+                filter.after = Some(decode_cursor(&v).ok_or_else(|| {
+                    ApiError::validation("cursor", "is not a cursor this API returned")
+                })?)
+            }
+            other => {
+                let shown: String = other.chars().take(64).collect();
+                return Err(ApiError::validation(
+                    shown.clone(),
+                    format!(
+                        "unknown query parameter {shown:?}; allowed: status, created_after, created_before, limit, cursor"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok((filter, limit))
+}
+
+/// List payments
+///
+/// The merchant's payments, newest first, a page at a time. Keyset pagination on
+/// (created_at, id): pages do not shift when new payments arrive.
+#[utoipa::path(
+    get,
+    path = "/api/v1/payments",
+    tag = "payments",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of payments", body = PaymentList),
+        (status = 401, description = "Missing or unknown X-API-Key", body = ErrorBody),
+        (status = 422, description = "A query parameter is invalid; `field` names it", body = ErrorBody),
+        (status = 503, description = "Database unavailable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let merchant = authenticate(&req, &state)?;
+    let (filter, limit) = parse_list_query(req.query_string())?;
+    let mut rows = db::with_timeout(state.db_deadline, async {
+        let mut conn = db::conn(&state.pool).await?;
+        Ok(payments_db::list_for_merchant(&mut conn, &merchant, &filter, limit + 1).await?)
+    })
+    .await?;
+    let next_cursor = if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last()
+            .map(|v| encode_cursor(v.payment.created_at, v.payment.id))
+    } else {
+        None
+    };
+    let data = rows.into_iter().map(PaymentOut::from).collect();
+    Ok(HttpResponse::Ok().json(PaymentList { data, next_cursor }))
 }
 
 #[cfg(test)]
@@ -579,6 +786,22 @@ mod tests {
         );
         assert_eq!(field_of(&long_url), "webhook_url");
         assert_eq!(field_of("[1, 2]"), "body");
+    }
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        let at = OffsetDateTime::from_unix_timestamp_nanos(1_764_000_000_123_456_000).unwrap();
+        let id = Uuid::now_v7();
+        assert_eq!(decode_cursor(&encode_cursor(at, id)), Some((at, id)));
+        assert_eq!(decode_cursor("not-a-cursor"), None);
+        assert!(parse_list_query("limit=0").is_err());
+        assert!(parse_list_query("limit=201").is_err());
+        assert!(parse_list_query("status=done").is_err());
+        assert!(parse_list_query("sort=asc").is_err());
+        assert!(parse_list_query("created_after=yesterday").is_err());
+        let (f, n) =
+            parse_list_query("status=failed&limit=7&created_before=2026-11-25T12:00:00Z").unwrap();
+        assert_eq!((f.status, n), (Some(PaymentStatus::Failed), 7));
     }
 
     #[test]

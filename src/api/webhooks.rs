@@ -9,10 +9,10 @@ use super::{AppState, authenticate};
 use crate::db::payments as payments_db;
 use crate::db::webhooks as webhooks_db;
 use crate::db::{self, DbError};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::webhook;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AttemptOut {
     /// The `webhook-id` header the attempt carried.
     pub webhook_id: String,
@@ -27,13 +27,13 @@ pub struct AttemptOut {
     pub response_body: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AttemptsOut {
     pub payment_id: Uuid,
     pub attempts: Vec<AttemptOut>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ResendOut {
     pub payment_id: Uuid,
     pub delivery_id: Uuid,
@@ -45,7 +45,22 @@ fn payment_id(path: web::Path<String>) -> Result<Uuid, ApiError> {
     Uuid::parse_str(&path.into_inner()).map_err(|_| ApiError::NotFound("payment"))
 }
 
+/// List webhook attempts
+///
 /// Every attempt to deliver the payment's webhook, oldest first.
+#[utoipa::path(
+    get,
+    path = "/api/v1/payments/{id}/webhook-attempts",
+    tag = "webhooks",
+    params(("id" = String, Path, description = "Payment id (UUID)")),
+    responses(
+        (status = 200, description = "The attempts", body = AttemptsOut),
+        (status = 401, description = "Missing or unknown X-API-Key", body = ErrorBody),
+        (status = 404, description = "Unknown id, malformed id, or another merchant's payment", body = ErrorBody),
+        (status = 503, description = "Database unavailable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn attempts(
     req: HttpRequest,
     path: web::Path<String>,
@@ -86,9 +101,25 @@ pub async fn attempts(
     }))
 }
 
+/// Resend the webhook
+///
 /// Schedules the payment's webhook again, now: for a merchant whose endpoint was down past the
 /// retry schedule. A delivery still pending is made due now; otherwise a new delivery is written
 /// with the same `webhook-id` as the last one (it is the same event) and a fresh schedule.
+#[utoipa::path(
+    post,
+    path = "/api/v1/payments/{id}/webhook/resend",
+    tag = "webhooks",
+    params(("id" = String, Path, description = "Payment id (UUID)")),
+    responses(
+        (status = 202, description = "Scheduled", body = ResendOut),
+        (status = 401, description = "Missing or unknown X-API-Key", body = ErrorBody),
+        (status = 404, description = "Unknown id, malformed id, or another merchant's payment", body = ErrorBody),
+        (status = 409, description = "No webhook_url (`no_webhook_url`) or not final yet (`payment_not_final`)", body = ErrorBody),
+        (status = 503, description = "Database unavailable; retry", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
 pub async fn resend(
     req: HttpRequest,
     path: web::Path<String>,

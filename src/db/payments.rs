@@ -237,3 +237,48 @@ pub async fn view_for_merchant(
     .await
     .optional()
 }
+
+/// Filters of the payment list.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub status: Option<crate::domain::PaymentStatus>,
+    pub created_after: Option<OffsetDateTime>,
+    pub created_before: Option<OffsetDateTime>,
+    /// Continue after this (created_at, id), exclusive.
+    pub after: Option<(OffsetDateTime, Uuid)>,
+}
+
+/// A merchant's payments, newest first (created_at, then id), at most `limit`, each with its
+/// newest webhook delivery.
+pub async fn list_for_merchant(
+    conn: &mut AsyncPgConnection,
+    merchant: &str,
+    filter: &ListFilter,
+    limit: i64,
+) -> QueryResult<Vec<PaymentView>> {
+    diesel::sql_query(
+        "SELECT p.*, d.status AS webhook_status, d.attempts AS webhook_attempts, \
+                d.last_attempt_at AS webhook_last_attempt_at, \
+                d.last_status_code AS webhook_last_status_code, \
+                d.next_attempt_at AS webhook_next_attempt_at \
+         FROM payments p \
+         LEFT JOIN LATERAL (SELECT * FROM webhook_deliveries w WHERE w.payment_id = p.id \
+                            ORDER BY w.created_at DESC, w.id DESC LIMIT 1) d ON true \
+         WHERE p.merchant = $1 \
+           AND ($2::text IS NULL OR p.status = $2) \
+           AND ($3::timestamptz IS NULL OR p.created_at > $3) \
+           AND ($4::timestamptz IS NULL OR p.created_at < $4) \
+           AND ($5::timestamptz IS NULL OR (p.created_at, p.id) < ($5, $6)) \
+         ORDER BY p.created_at DESC, p.id DESC \
+         LIMIT $7",
+    )
+    .bind::<sql_types::Text, _>(merchant)
+    .bind::<sql_types::Nullable<sql_types::Text>, _>(filter.status.map(|s| s.as_str()))
+    .bind::<sql_types::Nullable<sql_types::Timestamptz>, _>(filter.created_after)
+    .bind::<sql_types::Nullable<sql_types::Timestamptz>, _>(filter.created_before)
+    .bind::<sql_types::Nullable<sql_types::Timestamptz>, _>(filter.after.map(|a| a.0))
+    .bind::<sql_types::Nullable<sql_types::Uuid>, _>(filter.after.map(|a| a.1))
+    .bind::<sql_types::BigInt, _>(limit)
+    .load(conn)
+    .await
+}

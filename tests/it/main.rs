@@ -10,6 +10,7 @@
 mod api;
 mod broker;
 mod helpers;
+mod openapi;
 mod pipeline;
 mod proxy;
 mod receiver;

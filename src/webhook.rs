@@ -240,31 +240,21 @@ impl Sender {
         self.settings.timeout + ATTEMPT_LEASE_MARGIN
     }
 
-    /// Claims up to `limit` due deliveries, none for the hosts in `busy_hosts`.
+    /// Claims up to `limit` due deliveries, keeping each host within `per_host_concurrency`
+    /// given what is already in flight (`per_host`).
     pub async fn claim(
         &self,
         limit: usize,
-        busy_hosts: &[String],
+        per_host: &HashMap<String, usize>,
     ) -> anyhow::Result<Vec<Delivery>> {
+        let hosts: Vec<String> = per_host.keys().cloned().collect();
+        let counts: Vec<i32> = hosts.iter().map(|h| per_host[h] as i32).collect();
+        let room = i32::try_from(self.settings.per_host_concurrency).unwrap_or(i32::MAX);
         let mut conn = db::conn(&self.pool).await?;
-        Ok(webhooks_db::claim_due(&mut conn, limit as i64, self.lease(), busy_hosts).await?)
-    }
-
-    /// Returns claimed deliveries unattempted; if that fails their claim simply lapses.
-    async fn unclaim(&self, ids: &[uuid::Uuid]) {
-        let result = async {
-            let mut conn = db::conn(&self.pool).await?;
-            webhooks_db::unclaim(&mut conn, ids)
-                .await
-                .map_err(db::DbError::from)
-        }
-        .await;
-        if let Err(e) = result {
-            log::warn!(
-                "could not give back {} webhook deliveries ({e}); they are retried after their lease",
-                ids.len()
-            );
-        }
+        Ok(
+            webhooks_db::claim_due(&mut conn, limit as i64, self.lease(), room, &hosts, &counts)
+                .await?,
+        )
     }
 
     /// Makes one attempt of a claimed delivery and records it.
@@ -385,31 +375,12 @@ impl Sender {
             let room = self.settings.concurrency.saturating_sub(in_flight.len());
             let mut claimed = 0;
             if room > 0 && !shutdown.is_triggered() {
-                let busy: Vec<String> = per_host
-                    .iter()
-                    .filter(|(_, n)| **n >= self.settings.per_host_concurrency)
-                    .map(|(h, _)| h.clone())
-                    .collect();
-                match self.claim(room, &busy).await {
+                match self.claim(room, &per_host).await {
                     Ok(ds) => {
                         failures = 0;
                         claimed = ds.len();
-                        // One batch may hold more for a host than its share: give those back.
-                        let mut over = Vec::new();
-                        let mut take = Vec::new();
                         for d in ds {
-                            let n = per_host.entry(d.host.clone()).or_default();
-                            if *n >= self.settings.per_host_concurrency {
-                                over.push(d.id);
-                            } else {
-                                *n += 1;
-                                take.push(d);
-                            }
-                        }
-                        if !over.is_empty() {
-                            self.unclaim(&over).await;
-                        }
-                        for d in take {
+                            *per_host.entry(d.host.clone()).or_default() += 1;
                             let me = self.clone();
                             in_flight.spawn(async move {
                                 let host = d.host.clone();

@@ -48,45 +48,45 @@ pub async fn insert(conn: &mut AsyncPgConnection, d: &NewDelivery<'_>) -> QueryR
         .await
 }
 
-/// Claims up to `limit` due deliveries for one attempt each, skipping the hosts in
-/// `busy_hosts`: counts the attempt and pushes `next_attempt_at` out by `lease`, so a sender
-/// that dies mid-attempt leaves the delivery due again once the lease has passed. Several
-/// senders share the work (SKIP LOCKED).
+/// Claims up to `limit` due deliveries for one attempt each, oldest due first, at most `room`
+/// more for each host (`room` minus what this sender already has in flight there, given as
+/// parallel arrays `hosts` / `in_flight`): counts the attempt and pushes `next_attempt_at` out by
+/// `lease`, so a sender that dies mid-attempt leaves the delivery due again once the lease has
+/// passed. Several senders share the work (SKIP LOCKED); candidates not chosen are only locked
+/// for the statement.
 pub async fn claim_due(
     conn: &mut AsyncPgConnection,
     limit: i64,
     lease: std::time::Duration,
-    busy_hosts: &[String],
+    room: i32,
+    hosts: &[String],
+    in_flight: &[i32],
 ) -> QueryResult<Vec<Delivery>> {
     diesel::sql_query(
-        "UPDATE webhook_deliveries SET attempts = attempts + 1, last_attempt_at = now(), \
+        "WITH busy AS (SELECT * FROM unnest($4::text[], $5::int[]) AS b(host, n)), \
+         candidates AS ( \
+             SELECT id, host, next_attempt_at FROM webhook_deliveries \
+             WHERE status = 'pending' AND next_attempt_at <= now() \
+               AND host NOT IN (SELECT host FROM busy WHERE n >= $3) \
+             ORDER BY next_attempt_at LIMIT $1 * 4 FOR UPDATE SKIP LOCKED), \
+         chosen AS ( \
+             SELECT id FROM ( \
+                 SELECT c.id, c.next_attempt_at, \
+                        row_number() OVER (PARTITION BY c.host ORDER BY c.next_attempt_at) \
+                          + coalesce((SELECT n FROM busy WHERE busy.host = c.host), 0) AS slot \
+                 FROM candidates c) r \
+             WHERE slot <= $3 ORDER BY next_attempt_at LIMIT $1) \
+         UPDATE webhook_deliveries SET attempts = attempts + 1, last_attempt_at = now(), \
                 next_attempt_at = now() + $2 * interval '1 millisecond' \
-         WHERE id IN (SELECT id FROM webhook_deliveries \
-                      WHERE status = 'pending' AND next_attempt_at <= now() AND host <> ALL($3) \
-                      ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) \
+         WHERE id IN (SELECT id FROM chosen) \
          RETURNING *",
     )
     .bind::<sql_types::BigInt, _>(limit)
     .bind::<sql_types::BigInt, _>(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
-    .bind::<sql_types::Array<sql_types::Text>, _>(busy_hosts)
+    .bind::<sql_types::Integer, _>(room)
+    .bind::<sql_types::Array<sql_types::Text>, _>(hosts)
+    .bind::<sql_types::Array<sql_types::Integer>, _>(in_flight)
     .load(conn)
-    .await
-}
-
-/// Gives claimed deliveries back without attempting them (a sender took more for one host than
-/// its per-host limit allows): due again at once, attempt not counted.
-pub async fn unclaim(conn: &mut AsyncPgConnection, ids: &[Uuid]) -> QueryResult<usize> {
-    use webhook_deliveries::dsl as d;
-    diesel::update(
-        webhook_deliveries::table
-            .filter(d::id.eq_any(ids))
-            .filter(d::status.eq("pending")),
-    )
-    .set((
-        d::attempts.eq(d::attempts - 1),
-        d::next_attempt_at.eq(diesel::dsl::now),
-    ))
-    .execute(conn)
     .await
 }
 

@@ -39,7 +39,9 @@ use crate::gateway::{Gateway, GatewayError, SimulatedGateway};
 use crate::shutdown::{Shutdown, backoff};
 use crate::webhook;
 
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait between reconnect attempts: short enough that an outage ends within seconds of
+/// the dependency coming back, long enough not to hammer it meanwhile.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Longest a waiting duplicate sleeps before looking at a claimed payment again.
 const CLAIM_RECHECK: Duration = Duration::from_secs(2);
 

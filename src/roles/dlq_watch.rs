@@ -21,7 +21,9 @@ use crate::db::{self, DbError, Pool};
 use crate::roles::consume::PaymentEvent;
 use crate::shutdown::{Shutdown, backoff};
 
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait between reconnect attempts: short enough that an outage ends within seconds of
+/// the dependency coming back, long enough not to hammer it meanwhile.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Dead letters recorded concurrently; they are rare, this only bounds a burst.
 const PREFETCH: u16 = 32;
 

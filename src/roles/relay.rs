@@ -31,7 +31,9 @@ pub const CHANNEL: &str = "outbox_inserted";
 const RETENTION_BATCH: i64 = 1000;
 /// How often the retention sweep runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait between reconnect attempts: short enough that an outage ends within seconds of
+/// the dependency coming back, long enough not to hammer it meanwhile.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// What one [`drain_once`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

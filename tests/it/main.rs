@@ -9,10 +9,12 @@
 
 mod api;
 mod broker;
+mod faults;
 mod helpers;
 mod openapi;
 mod pipeline;
 mod proxy;
 mod receiver;
 mod schema;
+mod stack;
 mod webhooks;

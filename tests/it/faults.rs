@@ -1,0 +1,392 @@
+//! Fault injection on the real binary: each scenario breaks something on purpose and then
+//! counts that nothing accepted was lost (see `Stack::assert_nothing_lost`).
+
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+use crate::receiver::Receiver;
+use crate::stack::{DB_PASSWORD, Stack};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_unreachable_for_30s_while_2000_payments_are_posted() {
+    let mut s = Stack::new(&[]).await;
+    for role in ["serve", "relay", "consume", "dlq-watch"] {
+        s.start(role);
+    }
+    s.wait_healthy().await;
+    let cut = Instant::now();
+    s.mq.cut();
+    let (accepted, statuses) = {
+        let s = &s;
+        tokio::task::block_in_place(|| s.pay_many("mq-down", 2000, 8))
+    };
+    assert!(
+        statuses.iter().all(|c| *c == 202),
+        "the API keeps answering 202 without RabbitMQ"
+    );
+    assert_eq!(accepted.len(), 2000);
+    assert_eq!(
+        s.db.count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL"),
+        2000,
+        "the outbox holds every event while the broker is away"
+    );
+    if let Some(rest) = Duration::from_secs(30).checked_sub(cut.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    s.mq.restore();
+    // Relay and consumers reconnect by themselves (backoff is at most 30 s).
+    s.assert_nothing_lost(&accepted, 0, Duration::from_secs(90))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_unreachable_for_10s_under_load() {
+    let mut s = Stack::new(&[]).await;
+    for role in ["serve", "relay", "consume", "dlq-watch"] {
+        s.start(role);
+    }
+    s.wait_healthy().await;
+    let deadline = Duration::from_secs(1) + Duration::from_secs(2) + Duration::from_millis(1500);
+    let (before, _) = tokio::task::block_in_place(|| s.pay_many("pg-before", 100, 4));
+    s.pg.cut();
+    let outage = Instant::now();
+    let mut accepted = before;
+    let mut answered_503 = 0;
+    let mut i = 0;
+    while outage.elapsed() < Duration::from_secs(10) {
+        let started = Instant::now();
+        let r = request(
+            "POST",
+            &s.url("/api/v1/payments"),
+            &[
+                ("X-API-Key", KEY_A),
+                ("Idempotency-Key", &format!("pg-during-{i}")),
+            ],
+            Some(br#"{"amount": "2", "currency": "RUB"}"#.to_vec()),
+        )
+        .await;
+        i += 1;
+        assert!(
+            started.elapsed() < deadline,
+            "answered within acquire + query timeout: {:?}",
+            started.elapsed()
+        );
+        match r.status {
+            503 => {
+                assert_eq!(r.code(), "database_unavailable", "{}", r.text);
+                answered_503 += 1;
+            }
+            202 => accepted.push(r.json["payment_id"].as_str().unwrap().to_string()),
+            other => panic!("never a {other} during an outage: {}", r.text),
+        }
+    }
+    assert!(answered_503 > 0, "the outage was seen");
+    s.pg.restore();
+    let (after, statuses) = {
+        let s = &s;
+        eventually(Duration::from_secs(20), "the API to recover", || async {
+            let (st, _) = s.pay("pg-probe").await;
+            (st == 202).then_some(())
+        })
+        .await;
+        tokio::task::block_in_place(|| s.pay_many("pg-after", 100, 4))
+    };
+    assert!(statuses.iter().all(|c| *c == 202));
+    accepted.extend(after);
+    let probe =
+        s.db.count("SELECT count(*) AS n FROM payments WHERE idempotency_key = 'pg-probe'");
+    assert_eq!(probe, 1);
+    let mut all = accepted.clone();
+    all.extend(probe_ids(&s));
+    // Every role recovered without a restart: everything accepted is final and notified.
+    s.assert_nothing_lost(&all, 0, Duration::from_secs(90))
+        .await;
+}
+
+/// Ids of the `pg-probe` payment (posted while waiting for recovery).
+fn probe_ids(s: &Stack) -> Vec<String> {
+    let url = s.db.url.clone();
+    std::thread::spawn(move || {
+        use diesel::RunQueryDsl;
+        #[derive(diesel::QueryableByName)]
+        struct R {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            id: String,
+        }
+        let mut c = <diesel_async::async_connection_wrapper::AsyncConnectionWrapper<
+            diesel_async::AsyncPgConnection,
+        > as diesel::Connection>::establish(&url)
+        .unwrap();
+        diesel::sql_query("SELECT id::text AS id FROM payments WHERE idempotency_key = 'pg-probe'")
+            .load::<R>(&mut c)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consume_killed_with_200_payments_in_flight() {
+    let mut s = Stack::new(&[
+        ("ASYNC_PAY__GATEWAY__MIN_DELAY", "1s"),
+        ("ASYNC_PAY__GATEWAY__MAX_DELAY", "2s"),
+        ("ASYNC_PAY__AMQP__PREFETCH", "500"),
+    ])
+    .await;
+    for role in ["serve", "relay", "dlq-watch"] {
+        s.start(role);
+    }
+    let consumer = s.start("consume");
+    s.wait_healthy().await;
+    let (accepted, _) = tokio::task::block_in_place(|| s.pay_many("kill-consume", 200, 4));
+    assert_eq!(accepted.len(), 200);
+    eventually(
+        Duration::from_secs(20),
+        "most payments to be in flight",
+        || async {
+            (s.db
+                .count("SELECT count(*) AS n FROM payments WHERE claim_token IS NOT NULL")
+                >= 100)
+                .then_some(())
+        },
+    )
+    .await;
+    s.proc(consumer).kill9();
+    let left =
+        s.db.count("SELECT count(*) AS n FROM payments WHERE status = 'pending'");
+    assert!(left > 0, "killed mid-flight");
+    s.start("consume");
+    s.assert_nothing_lost(&accepted, 0, Duration::from_secs(60))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_killed_mid_batch_then_restarted_publishes_every_event() {
+    let mut s = Stack::new(&[("ASYNC_PAY__RELAY__BATCH_SIZE", "50")]).await;
+    s.db.exec(
+        "INSERT INTO outbox (event_type, payload) \
+         SELECT 'payment.created', jsonb_build_object('payment_id', gen_random_uuid()) FROM generate_series(1, 6000)",
+    )
+    .unwrap();
+    let relay = s.start("relay");
+    eventually(
+        Duration::from_secs(20),
+        "the relay to be mid-way",
+        || async {
+            (s.db
+                .count("SELECT count(*) AS n FROM outbox WHERE published_at IS NOT NULL")
+                > 0)
+            .then_some(())
+        },
+    )
+    .await;
+    s.proc(relay).kill9();
+    let published =
+        s.db.count("SELECT count(*) AS n FROM outbox WHERE published_at IS NOT NULL");
+    assert!(
+        published < 6000,
+        "killed before the end ({published} published)"
+    );
+    s.start("relay");
+    eventually(
+        Duration::from_secs(60),
+        "every event to be published",
+        || async {
+            (s.db
+                .count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL")
+                == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    let msgs = s.broker.drain(&s.broker.settings.queue).await;
+    let ids: std::collections::HashSet<i64> =
+        msgs.iter().filter_map(|(id, _)| id.parse().ok()).collect();
+    let expected: std::collections::HashSet<i64> = (1..=6000).collect();
+    assert!(
+        expected.is_subset(&ids),
+        "every event reached the queue ({} of 6000)",
+        expected.intersection(&ids).count()
+    );
+    assert!(msgs.len() >= 6000, "duplicates are allowed, losses are not");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_exits_in_time_and_loses_nothing() {
+    let mut s = Stack::new(&[
+        ("ASYNC_PAY__GATEWAY__MIN_DELAY", "200ms"),
+        ("ASYNC_PAY__GATEWAY__MAX_DELAY", "800ms"),
+    ])
+    .await;
+    let serve = s.start("serve");
+    let relay = s.start("relay");
+    let consume = s.start("consume");
+    s.start("dlq-watch");
+    s.wait_healthy().await;
+    let (mut accepted, _) = tokio::task::block_in_place(|| s.pay_many("term-1", 300, 4));
+    // Stop each role while work is in flight; each must exit within its shutdown timeout.
+    for (i, limit) in [(consume, 3), (relay, 1), (serve, 3)] {
+        let took = s
+            .proc(i)
+            .term(Duration::from_secs(limit) + Duration::from_secs(3));
+        let role = s.proc(i).role.clone();
+        assert!(
+            took.is_some(),
+            "{role} did not exit within {limit}s + 3s after SIGTERM"
+        );
+    }
+    assert!(!s.proc(serve).is_running());
+    s.start("serve");
+    s.start("relay");
+    s.start("consume");
+    s.wait_healthy().await;
+    let (more, _) = tokio::task::block_in_place(|| s.pay_many("term-2", 50, 2));
+    accepted.extend(more);
+    s.assert_nothing_lost(&accepted, 0, Duration::from_secs(60))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhook_endpoint_down_for_the_first_part_of_the_schedule() {
+    // The receiver's port, closed for now: attempts fail with "connection refused".
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut s = Stack::new(&[]).await;
+    s.receiver = Receiver::start_on("127.0.0.1:0").await; // replaced below
+    let url = format!("http://127.0.0.1:{port}/hook");
+    for role in ["serve", "relay", "consume", "dlq-watch"] {
+        s.start(role);
+    }
+    s.wait_healthy().await;
+    let mut accepted = Vec::new();
+    for i in 0..50 {
+        let r = request(
+            "POST",
+            &s.url("/api/v1/payments"),
+            &[
+                ("X-API-Key", KEY_A),
+                ("Idempotency-Key", &format!("down-{i}")),
+            ],
+            Some(
+                serde_json::json!({"amount": "3", "currency": "USD", "webhook_url": url})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        )
+        .await;
+        accepted.push(r.json["payment_id"].as_str().unwrap().to_string());
+    }
+    eventually(Duration::from_secs(20), "failed first attempts", || async {
+        (s.db
+            .count("SELECT count(*) AS n FROM webhook_attempts WHERE error IS NOT NULL")
+            >= 50)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The endpoint comes back on the same port.
+    s.receiver = Receiver::start_on(&format!("127.0.0.1:{port}")).await;
+    s.assert_nothing_lost(&accepted, 0, Duration::from_secs(30))
+        .await;
+    let got = s.receiver.received();
+    let mut per_id = std::collections::HashMap::new();
+    for r in &got {
+        *per_id.entry(r.headers["webhook-id"].clone()).or_insert(0) += 1;
+    }
+    assert_eq!(per_id.len(), 50);
+    assert!(
+        per_id.values().all(|n| *n == 1),
+        "once per delivery id once it succeeded"
+    );
+    assert_eq!(
+        s.db.count("SELECT count(*) AS n FROM webhook_deliveries WHERE status = 'delivered'"),
+        50
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_messages_on_the_real_binary_never_loop_or_stop_it() {
+    let mut s = Stack::new(&[]).await;
+    for role in ["serve", "relay", "dlq-watch"] {
+        s.start(role);
+    }
+    let consumer = s.start("consume");
+    s.wait_healthy().await;
+    let conn = s.broker.connect().await;
+    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
+    async_pay::amqp::topology::declare(&ch, &s.broker.settings)
+        .await
+        .unwrap();
+    let unknown = serde_json::json!({"payment_id": uuid::Uuid::new_v4()}).to_string();
+    for body in [
+        b"\x00\xffnot json".to_vec(),
+        b"{\"no\": \"id\"}".to_vec(),
+        unknown.into_bytes(),
+        vec![b'['; 2 << 20],
+    ] {
+        ch.basic_publish(
+            amqprs::BasicProperties::default(),
+            body,
+            amqprs::channel::BasicPublishArguments::new(
+                &s.broker.settings.exchange,
+                &s.broker.settings.routing_key,
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    let _ = conn.close().await;
+    let (accepted, _) = tokio::task::block_in_place(|| s.pay_many("after-poison", 20, 2));
+    s.assert_nothing_lost(&accepted, 0, Duration::from_secs(30))
+        .await;
+    eventually(Duration::from_secs(10), "the queue to drain", || async {
+        (s.broker.depth(&s.broker.settings.queue).await == 0).then_some(())
+    })
+    .await;
+    assert!(s.proc(consumer).is_running(), "the consumer survived");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_never_appear_in_the_logs_of_a_full_run() {
+    let mut s = Stack::new(&[("RUST_LOG", "debug")]).await;
+    for role in ["serve", "relay", "consume", "dlq-watch"] {
+        s.start(role);
+    }
+    s.wait_healthy().await;
+    let (accepted, _) = tokio::task::block_in_place(|| s.pay_many("logs", 20, 2));
+    // Some failures too: a wrong key, a DB blip.
+    request(
+        "GET",
+        &s.url("/api/v1/payments"),
+        &[("X-API-Key", "wrong-key-value")],
+        None,
+    )
+    .await;
+    s.assert_nothing_lost(&accepted, 0, Duration::from_secs(30))
+        .await;
+    let logs = s.all_logs();
+    assert!(logs.contains("payment"), "the logs were captured");
+    for secret in [
+        KEY_A,
+        KEY_A2,
+        KEY_B,
+        SECRET_A,
+        SECRET_B,
+        DB_PASSWORD,
+        "wrong-key-value",
+    ] {
+        assert!(
+            !logs.contains(secret),
+            "a secret reached the logs: {}…",
+            &secret[..6]
+        );
+    }
+    let b64 = SECRET_A.trim_start_matches("whsec_");
+    assert!(!logs.contains(b64));
+}

@@ -169,26 +169,39 @@ pub fn route_table() -> Vec<(&'static str, Method, Route)> {
 
 /// Registers [`route_table`]. Unknown paths and wrong methods answer the JSON error shape too.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    let mut resources: Vec<(&'static str, actix_web::Resource)> = Vec::new();
-    for (path, _, route) in route_table() {
-        match resources.iter_mut().find(|(p, _)| *p == path) {
-            Some((_, r)) => {
+    let mut resources: Vec<(&'static str, actix_web::Resource, Vec<Method>)> = Vec::new();
+    for (path, method, route) in route_table() {
+        match resources.iter_mut().find(|(p, _, _)| *p == path) {
+            Some((_, r, methods)) => {
                 let taken = std::mem::replace(r, web::resource(path));
                 *r = taken.route(route);
+                methods.push(method);
             }
-            None => resources.push((path, web::resource(path).route(route))),
+            None => resources.push((path, web::resource(path).route(route), vec![method])),
         }
     }
-    for (_, r) in resources {
-        cfg.service(r.default_service(web::to(method_not_allowed)));
+    for (_, r, methods) in resources {
+        // 405 names the methods that do exist (RFC 9110 asks for the Allow header).
+        let allow = methods
+            .iter()
+            .map(Method::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        cfg.service(r.default_service(web::to(move || {
+            let allow = allow.clone();
+            async move {
+                let mut resp =
+                    actix_web::ResponseError::error_response(&ApiError::MethodNotAllowed);
+                if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&allow) {
+                    resp.headers_mut().insert(actix_web::http::header::ALLOW, v);
+                }
+                resp
+            }
+        })));
     }
     cfg.default_service(web::to(not_found));
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound("route"))
-}
-
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
 }

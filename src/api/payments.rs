@@ -279,7 +279,8 @@ fn check_content_type(req: &HttpRequest) -> Result<(), ApiError> {
 pub struct PaymentIn {
     /// Greater than 0, at most 2 decimal places, at most 16 digits before the point. A JSON
     /// string (`"100.50"`) or a JSON number (`100.5`), read exactly.
-    #[schema(value_type = String, example = "100.50")]
+    #[schema(value_type = String, example = "100.50",
+        pattern = r"^([1-9][0-9]{0,15}(\.[0-9]{1,2})?|0\.(0[1-9]|[1-9][0-9]?))$")]
     amount: String,
     currency: Currency,
     /// At most 1000 characters.
@@ -430,7 +431,8 @@ fn constraint_error(e: &DieselError) -> Option<ApiError> {
     tag = "payments",
     request_body(content = PaymentIn, content_type = "application/json"),
     params(
-        ("Idempotency-Key" = String, Header, description = "Unique per payment (1 to 255 characters); a retry with the same key and body returns the same payment"),
+        ("Idempotency-Key" = String, Header, pattern = "^[!-~]{1,255}$",
+            description = "Unique per payment (1 to 255 characters; visible ASCII is always safe); a retry with the same key and body returns the same payment"),
     ),
     responses(
         (status = 202, description = "Accepted (or replayed: header Idempotent-Replayed: true)", body = CreatedOut,
@@ -580,6 +582,7 @@ pub struct ListQuery {
     #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
     /// `next_cursor` of the previous page.
+    #[param(pattern = "^[A-Za-z0-9_-]{16,}$")]
     cursor: Option<String>,
 }
 

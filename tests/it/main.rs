@@ -13,6 +13,7 @@ mod faults;
 mod helpers;
 mod openapi;
 mod pipeline;
+mod props;
 mod proxy;
 mod receiver;
 mod schema;

@@ -18,6 +18,15 @@ migrate:
 test *ARGS:
     cargo nextest run {{ARGS}}
 
+# Fuzz the API with schemathesis against /openapi.json of a real serve (EXAMPLES per operation; CI runs it).
+schemathesis EXAMPLES="25":
+    bash scripts/schemathesis.sh {{EXAMPLES}}
+
+# Fuzz the request parser with libFuzzer for SECONDS (installs cargo-fuzz if missing; not in CI).
+fuzz SECONDS="60":
+    command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+    cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run payment_body -- -max_total_time={{SECONDS}}
+
 # Format the code.
 fmt:
     cargo fmt --all
@@ -32,18 +41,35 @@ schema:
     diesel migration run --database-url "${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/async_pay}"
     diesel print-schema --database-url "${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/async_pay}" > src/db/schema.rs
 
-# Start PostgreSQL and RabbitMQ in containers (needs a Docker engine).
+# Run every role locally (migrate, then serve, relay, consume, dlq-watch) against the local services; Ctrl-C stops them all.
+run *ARGS:
+    ./scripts/run-local.sh {{ARGS}}
+
+# List the newest dead letters (`just dlq list --limit 20`), or replay them (`just dlq replay 7`, `just dlq replay --all`).
+dlq *ARGS:
+    cargo run --release -- dlq {{ARGS}}
+
+# Build the image and start the whole stack in containers (API on :8000, RabbitMQ UI on :15672); needs a Docker engine.
 up:
     docker compose up -d --build
+    @echo "API: http://localhost:8000/health   metrics: http://localhost:8000/metrics   RabbitMQ UI: http://localhost:15672"
 
-# Stop the containers.
+# Like `up`, but the relay runs as `relay --once` every minute (cron mode) instead of continuously.
+up-cron:
+    docker compose --profile cron up -d --build --scale relay=0
+
+# Stop and remove the stack's containers (the data volumes stay).
 down:
-    docker compose down
+    docker compose --profile cron down --remove-orphans
 
-# Follow the containers' logs.
-logs:
-    docker compose logs -f
+# Follow the stack's logs (all services, or the ones named: `just logs consume`).
+logs *SERVICES:
+    docker compose --profile cron logs -f {{SERVICES}}
 
-# Stop the containers and delete the database volume.
+# Stop the stack and delete its volumes (the database and RabbitMQ's data).
 clean:
-    docker compose down -v
+    docker compose --profile cron down -v --remove-orphans
+
+# What CI checks of the container setup without an engine: compose.yaml, the image's build command, a smoke run of the binary.
+check-image:
+    bash deploy/check.sh

@@ -8,6 +8,7 @@ pub mod db;
 pub mod domain;
 pub mod error;
 pub mod gateway;
+pub mod metrics;
 pub mod roles;
 pub mod shutdown;
 pub mod ssrf;

@@ -1,12 +1,13 @@
 //! The `async-pay` binary: one subcommand per role.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
-use async_pay::config::{Settings, redact_url};
+use async_pay::config::{Settings, duration_str, redact_url};
 use async_pay::shutdown::Shutdown;
-use async_pay::{db, roles};
+use async_pay::{db, metrics, roles};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -46,6 +47,20 @@ enum Command {
     DlqWatch,
     /// Apply pending database migrations and exit.
     Migrate,
+    /// List and replay dead letters (the dead_letters table that dlq-watch fills).
+    Dlq {
+        #[command(subcommand)]
+        command: roles::dlq::DlqCommand,
+    },
+    /// Exit 0 if the API answers GET /health with 200, else 1 (for container health checks).
+    Healthcheck {
+        /// URL to ask; default: /health on server.bind (a wildcard address becomes loopback).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// Give up after this long ("500ms", "3s").
+        #[arg(long, default_value = "3s", value_parser = duration_str::parse)]
+        timeout: Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,7 +76,37 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs a role, then stops its metrics exporter.
+async fn with_exporter(
+    exporter: Option<metrics::Exporter>,
+    role: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let result = role.await;
+    if let Some(e) = exporter {
+        e.stop().await;
+    }
+    result
+}
+
+/// `async-pay healthcheck`: needs no runtime, and no valid configuration when given `--url`.
+fn healthcheck(
+    config: Option<&Path>,
+    url: Option<String>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let url = match url {
+        Some(u) => u,
+        None => roles::healthcheck::default_url(&Settings::load(config)?.server.bind),
+    };
+    roles::healthcheck::check(&url, timeout).map_err(|e| anyhow::anyhow!("unhealthy: {e}"))?;
+    println!("healthy: {url}");
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Healthcheck { url, timeout } = cli.command {
+        return healthcheck(cli.config.as_deref(), url, timeout);
+    }
     let settings = Settings::load(cli.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -76,10 +121,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Relay { once: false } => {
-                roles::relay::run(settings, Shutdown::on_signal()).await
+                // The relay's exporter also reports the outbox backlog, read at each scrape.
+                let outbox = db::pool(&settings.database)?;
+                let exporter = metrics::serve(&settings.metrics.bind, Some(outbox))?;
+                with_exporter(exporter, roles::relay::run(settings, Shutdown::on_signal())).await
             }
-            Command::Consume => roles::consume::run(settings, Shutdown::on_signal()).await,
-            Command::DlqWatch => roles::dlq_watch::run(settings, Shutdown::on_signal()).await,
+            Command::Consume => {
+                let exporter = metrics::serve(&settings.metrics.bind, None)?;
+                with_exporter(
+                    exporter,
+                    roles::consume::run(settings, Shutdown::on_signal()),
+                )
+                .await
+            }
+            Command::DlqWatch => {
+                let exporter = metrics::serve(&settings.metrics.bind, None)?;
+                with_exporter(
+                    exporter,
+                    roles::dlq_watch::run(settings, Shutdown::on_signal()),
+                )
+                .await
+            }
+            Command::Dlq { command } => roles::dlq::run(&settings, command).await,
+            // Handled above, before any runtime or configuration is needed.
+            Command::Healthcheck { .. } => Ok(()),
             Command::Migrate => {
                 let url = settings.database.url.expose();
                 let applied = db::migrate(url).await.with_context(|| {

@@ -297,6 +297,7 @@ impl Sender {
             Ok((s, b)) => (Some(s), None, Some(b)),
             Err(e) => (None, Some(e), None),
         };
+        crate::metrics::webhook_attempt(status, took);
         let next = after_attempt(
             d.attempts,
             status,

@@ -140,6 +140,11 @@ pub fn route_table() -> Vec<(&'static str, Method, Route)> {
             web::get().to(openapi::document),
         ),
         (
+            "/metrics",
+            Method::GET,
+            web::get().to(crate::metrics::scrape),
+        ),
+        (
             "/api/v1/payments",
             Method::POST,
             web::post().to(payments::create),

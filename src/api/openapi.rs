@@ -22,6 +22,7 @@ use super::{health, payments, webhooks};
         webhooks::resend,
         health::health,
         document,
+        crate::metrics::scrape,
     ),
     modifiers(&ApiKeyAuth),
     tags(

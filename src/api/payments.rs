@@ -491,7 +491,10 @@ pub async fn create(
         }
         match payments_db::find_by_idempotency_key(&mut conn, &merchant, &key).await? {
             Some(p) if p.request_fingerprint == fingerprint => Ok(Ok(Created::Replayed(p))),
-            Some(_) => Ok(Err(ApiError::IdempotencyConflict)),
+            Some(_) => {
+                crate::metrics::payment_conflicted();
+                Ok(Err(ApiError::IdempotencyConflict))
+            }
             None => Err(DbError::Other(anyhow::anyhow!(
                 "idempotency key conflicted but no payment holds it"
             ))),
@@ -500,6 +503,7 @@ pub async fn create(
     .await??;
     let (payment, replayed) = match outcome {
         Created::New(p) => {
+            crate::metrics::payment_created();
             log::info!(
                 "payment {} created for merchant {} ({} {})",
                 p.id,
@@ -510,6 +514,7 @@ pub async fn create(
             (p, false)
         }
         Created::Replayed(p) => {
+            crate::metrics::payment_replayed();
             log::info!(
                 "payment {} replayed for idempotency key of merchant {}",
                 p.id,

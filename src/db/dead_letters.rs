@@ -53,3 +53,67 @@ pub async fn list(conn: &mut AsyncPgConnection, limit: i64) -> QueryResult<Vec<D
         .load(conn)
         .await
 }
+
+/// A dead letter without its body and headers: what `async-pay dlq list` shows.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = dead_letters, check_for_backend(diesel::pg::Pg))]
+pub struct Summary {
+    pub id: i64,
+    pub message_id: String,
+    pub payment_id: Option<Uuid>,
+    pub reason: String,
+    pub death_count: i64,
+    pub dead_lettered_at: OffsetDateTime,
+    pub replayed_at: Option<OffsetDateTime>,
+}
+
+/// The newest `limit` dead letters, newest first, without bodies.
+pub async fn summaries(conn: &mut AsyncPgConnection, limit: i64) -> QueryResult<Vec<Summary>> {
+    dead_letters::table
+        .order(dead_letters::id.desc())
+        .limit(limit)
+        .select(Summary::as_select())
+        .load(conn)
+        .await
+}
+
+/// Locks one dead letter until the end of the caller's transaction (a concurrent replay of the
+/// same row waits, then sees it replayed).
+pub async fn lock(conn: &mut AsyncPgConnection, id: i64) -> QueryResult<Option<DeadLetter>> {
+    dead_letters::table
+        .find(id)
+        .for_update()
+        .select(DeadLetter::as_select())
+        .first(conn)
+        .await
+        .optional()
+}
+
+/// Locks up to `limit` dead letters not replayed yet with an id above `after`, oldest first,
+/// skipping rows a concurrent replay holds.
+pub async fn lock_unreplayed(
+    conn: &mut AsyncPgConnection,
+    after: i64,
+    limit: i64,
+) -> QueryResult<Vec<DeadLetter>> {
+    dead_letters::table
+        .filter(dead_letters::replayed_at.is_null())
+        .filter(dead_letters::id.gt(after))
+        .order(dead_letters::id)
+        .limit(limit)
+        .for_update()
+        .skip_locked()
+        .select(DeadLetter::as_select())
+        .load(conn)
+        .await
+}
+
+/// Marks a dead letter replayed now; returns the time written. Call in the transaction that
+/// wrote its outbox event.
+pub async fn mark_replayed(conn: &mut AsyncPgConnection, id: i64) -> QueryResult<OffsetDateTime> {
+    diesel::update(dead_letters::table.find(id))
+        .set(dead_letters::replayed_at.eq(diesel::dsl::now))
+        .returning(dead_letters::replayed_at.assume_not_null())
+        .get_result(conn)
+        .await
+}

@@ -83,3 +83,28 @@ pub async fn insert(
         .get_result(conn)
         .await
 }
+
+/// The unpublished backlog: how many events, and how old the oldest is (measured by the
+/// database's clock, so the relay's and the scraper's clocks do not matter). Reads only the
+/// partial index of unpublished rows.
+pub async fn backlog(
+    conn: &mut AsyncPgConnection,
+) -> QueryResult<(i64, Option<std::time::Duration>)> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
+        age: Option<f64>,
+    }
+    let row: Row = diesel::sql_query(
+        "SELECT count(*) AS n, EXTRACT(EPOCH FROM now() - min(created_at))::float8 AS age \
+         FROM outbox WHERE published_at IS NULL",
+    )
+    .get_result(conn)
+    .await?;
+    let age = row
+        .age
+        .and_then(|s| std::time::Duration::try_from_secs_f64(s.max(0.0)).ok());
+    Ok((row.n, age))
+}

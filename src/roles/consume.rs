@@ -408,7 +408,10 @@ async fn session(
                 let previous = amqp::previous_deliveries(msg.basic_properties.as_ref());
                 let (p, ch2) = (processor.clone(), ch.clone());
                 tasks.spawn(async move {
+                    let _in_flight = crate::metrics::consumer_in_flight();
+                    let started = std::time::Instant::now();
                     let disposition = p.handle_one(&body, previous).await;
+                    crate::metrics::message_handled(&disposition, previous, started.elapsed());
                     settle(&ch2, deliver.delivery_tag(), previous, disposition).await;
                 });
             }

@@ -96,6 +96,7 @@ pub async fn record(
         match result {
             Ok(new) => {
                 if new {
+                    crate::metrics::dead_letter(&death.reason);
                     log::warn!(
                         "dead letter {message_id}: payment {}, reason {}, count {}, from {}",
                         payment_id

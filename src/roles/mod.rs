@@ -2,6 +2,8 @@
 //! stops (SIGTERM/SIGINT for the long-running ones).
 
 pub mod consume;
+pub mod dlq;
 pub mod dlq_watch;
+pub mod healthcheck;
 pub mod relay;
 pub mod serve;

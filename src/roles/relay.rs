@@ -64,7 +64,11 @@ pub async fn drain_once(
                 body: serde_json::to_vec(&r.payload).unwrap_or_default(),
             })
             .collect();
-        let verdicts = publisher.publish_batch(&messages).await?;
+        let sent_at = std::time::Instant::now();
+        let verdicts = publisher
+            .publish_batch(&messages)
+            .await
+            .inspect_err(|_| crate::metrics::relay_batch(0, rows.len(), sent_at.elapsed()))?;
         let confirmed: Vec<i64> = rows
             .iter()
             .zip(&verdicts)
@@ -75,6 +79,7 @@ pub async fn drain_once(
             outbox::mark_published(c, &confirmed).await?;
         }
         let missing = rows.len() - confirmed.len();
+        crate::metrics::relay_batch(confirmed.len(), missing, sent_at.elapsed());
         if missing > 0 {
             log::warn!("{missing} of {} outbox events were not confirmed by RabbitMQ; they stay unpublished", rows.len());
         }

@@ -4,17 +4,18 @@
 //! requests get `server.shutdown_timeout` to finish. It never talks to RabbitMQ: a payment and
 //! its event are committed together and the relay moves the event. While the database is down,
 //! requests answer 503 after at most `database.acquire_timeout` + `database.query_timeout`, and
-//! the pool reconnects by itself when the database is back.
+//! the pool reconnects by itself when the database is back. `GET /metrics` serves the Prometheus
+//! metrics of this process ([`crate::metrics`]).
 
 use std::net::{SocketAddr, TcpListener};
 
-use actix_web::middleware::Logger;
+use actix_web::middleware::{Logger, from_fn};
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 
 use crate::api::{self, AppState};
 use crate::config::{Settings, redact_url};
-use crate::db;
+use crate::{db, metrics};
 
 /// A server bound to its address but not yet awaited (tests spawn it and use `addr`).
 pub struct Started {
@@ -34,6 +35,8 @@ pub fn start(settings: &Settings) -> anyhow::Result<Started> {
             .app_data(state.clone())
             // Method, path, status, size, duration: never headers (API keys) or bodies.
             .wrap(Logger::new(r#"%a "%r" %s %b %Dms"#))
+            // Outermost: counts every request, labelled with its matched route pattern.
+            .wrap(from_fn(metrics::track_http))
             .configure(api::routes)
     })
     .shutdown_timeout(settings.server.shutdown_timeout.as_secs().max(1))

@@ -139,12 +139,24 @@ async fn consume_killed_with_200_payments_in_flight() {
     for role in ["serve", "relay", "dlq-watch"] {
         s.start(role);
     }
-    let consumer = s.start("consume");
     s.wait_healthy().await;
+    // Queue all 200 first, then start the consumer: it takes them all at once.
     let (accepted, _) = tokio::task::block_in_place(|| s.pay_many("kill-consume", 200, 4));
     assert_eq!(accepted.len(), 200);
     eventually(
-        Duration::from_secs(20),
+        Duration::from_secs(30),
+        "every event to be queued",
+        || async {
+            (s.db
+                .count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL")
+                == 0)
+                .then_some(())
+        },
+    )
+    .await;
+    let consumer = s.start("consume");
+    eventually(
+        Duration::from_secs(30),
         "most payments to be in flight",
         || async {
             (s.db

@@ -9,8 +9,10 @@
 
 mod api;
 mod broker;
+mod dlq;
 mod faults;
 mod helpers;
+mod metrics;
 mod openapi;
 mod pipeline;
 mod props;

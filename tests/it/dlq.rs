@@ -1,0 +1,286 @@
+//! `async-pay dlq list|replay`: dead letters are listed, replayed through the outbox, and the
+//! replayed payment is finalised; replaying a final payment's message changes nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_pay::db::dead_letters;
+use async_pay::db::payments::Payment;
+use async_pay::domain::PaymentStatus;
+use async_pay::gateway::{Gateway, GatewayError};
+use async_pay::roles::dlq::{self, Replay};
+use async_trait::async_trait;
+use diesel_async::{AsyncConnection, AsyncPgConnection};
+use serde_json::json;
+
+use crate::helpers::*;
+use crate::metrics::value;
+use crate::pipeline::{CountingGateway, Roles, fast};
+use crate::receiver::Receiver;
+
+/// Fails every charge while `failing` is set, then approves.
+struct SwitchGateway {
+    failing: AtomicBool,
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Gateway for SwitchGateway {
+    async fn charge(&self, _p: &Payment) -> Result<PaymentStatus, GatewayError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            Err(GatewayError("provider answered 502".into()))
+        } else {
+            Ok(PaymentStatus::Succeeded)
+        }
+    }
+}
+
+async fn connect(url: &str) -> AsyncPgConnection {
+    AsyncPgConnection::establish(url).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_letter_is_listed_replayed_and_its_payment_finalised() {
+    let db = TestDb::new().await;
+    let (s, _broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let gateway = Arc::new(SwitchGateway {
+        failing: AtomicBool::new(true),
+        calls: AtomicUsize::new(0),
+    });
+    let mut roles = Roles::new();
+    roles.relay(&s).consume(&s, gateway.clone()).dlq_watch(&s);
+    let r = app
+        .post_payment(KEY_A, "dlq-1", json!({"amount": "5", "currency": "USD"}))
+        .await;
+    let id = r.json["payment_id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(30), "the dead letter", || async {
+        (app.db.count("SELECT count(*) AS n FROM dead_letters") == 1).then_some(())
+    })
+    .await;
+    assert_eq!(app.get_payment(KEY_A, &id).await.json["status"], "pending");
+
+    // Listed: the newest first, with payment, reason and count, not replayed.
+    let mut conn = connect(&app.db.url).await;
+    let rows = dead_letters::summaries(&mut conn, 10).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    let dead = &rows[0];
+    assert_eq!(dead.payment_id.map(|p| p.to_string()), Some(id.clone()));
+    assert_eq!(dead.reason, "rejected");
+    assert_eq!(dead.death_count, 1);
+    assert!(dead.replayed_at.is_none());
+    let table = dlq::table(&rows);
+    assert!(table.contains(&id) && table.contains("rejected") && table.contains(" no"));
+
+    // The gateway recovers; the replay goes through the outbox and the relay.
+    gateway.failing.store(false, Ordering::SeqCst);
+    let outcome = dlq::replay_one(&mut conn, dead.id).await.unwrap();
+    let Replay::Replayed {
+        outbox_id,
+        payment_id,
+    } = outcome
+    else {
+        panic!("not replayed: {outcome:?}");
+    };
+    assert_eq!(payment_id.map(|p| p.to_string()), Some(id.clone()));
+    assert_eq!(
+        app.db.count(&format!(
+            "SELECT count(*) AS n FROM outbox WHERE id = {outbox_id} \
+             AND event_type = 'payment.created' AND payload = jsonb_build_object('payment_id', '{id}')"
+        )),
+        1,
+        "the outbox event carries the original body"
+    );
+    eventually(
+        Duration::from_secs(15),
+        "the payment to be final",
+        || async {
+            let p = app.get_payment(KEY_A, &id).await.json;
+            (p["status"] != "pending").then_some(())
+        },
+    )
+    .await;
+    let p = app.get_payment(KEY_A, &id).await.json;
+    assert_eq!(p["status"], "succeeded");
+    assert!(p["processed_at"].is_string());
+
+    // Marked replayed, once: a second replay does nothing.
+    let rows = dead_letters::summaries(&mut conn, 10).await.unwrap();
+    assert!(rows[0].replayed_at.is_some());
+    assert!(matches!(
+        dlq::replay_one(&mut conn, dead.id).await.unwrap(),
+        Replay::AlreadyReplayed(_)
+    ));
+    assert_eq!(
+        dlq::replay_one(&mut conn, dead.id + 1000).await.unwrap(),
+        Replay::NotFound
+    );
+    assert_eq!(app.db.count("SELECT count(*) AS n FROM outbox"), 2);
+    roles.stop().await;
+    assert_eq!(app.db.count("SELECT count(*) AS n FROM dead_letters"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replaying_a_final_payments_dead_letter_changes_nothing() {
+    let db = TestDb::new().await;
+    let (s, _broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let receiver = Receiver::start().await;
+    let gateway = CountingGateway::new(Duration::ZERO, false);
+    let mut roles = Roles::new();
+    roles.relay(&s).consume(&s, gateway.clone()).dlq_watch(&s);
+    let r = app
+        .post_payment(
+            KEY_A,
+            "dlq-final",
+            json!({"amount": "5", "currency": "USD", "webhook_url": receiver.url("/hook")}),
+        )
+        .await;
+    let id = r.json["payment_id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(15), "the webhook", || async {
+        (receiver.received().len() == 1).then_some(())
+    })
+    .await;
+    let final_state = app.get_payment(KEY_A, &id).await.json;
+    assert_eq!(final_state["status"], "succeeded");
+
+    // A dead letter of this payment (say, from a delivery that died before it was final).
+    app.db
+        .exec(&format!(
+            "INSERT INTO dead_letters (message_id, payment_id, reason, death_count, original_queue, body) \
+             VALUES ('old-delivery', '{id}', 'delivery_limit', 4, 'payments.new', \
+                     convert_to('{{\"payment_id\": \"{id}\"}}', 'UTF8'))"
+        ))
+        .unwrap();
+    let duplicates = r#"async_pay_consumer_messages_total{outcome="already_final"}"#;
+    let before = value(&async_pay::metrics::get().render(false), duplicates);
+    let mut conn = connect(&app.db.url).await;
+    let rows = dead_letters::summaries(&mut conn, 10).await.unwrap();
+    assert!(matches!(
+        dlq::replay_one(&mut conn, rows[0].id).await.unwrap(),
+        Replay::Replayed { .. }
+    ));
+    // The consumer (in this process) gets the replayed message and acks it as a duplicate.
+    eventually(
+        Duration::from_secs(15),
+        "the replay to be acked as a duplicate",
+        || async {
+            let now = value(&async_pay::metrics::get().render(false), duplicates);
+            (now > before).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.get_payment(KEY_A, &id).await.json,
+        final_state,
+        "status and processed_at unchanged"
+    );
+    assert_eq!(gateway.calls(), 1, "the gateway is not asked again");
+    assert_eq!(
+        app.db.count("SELECT count(*) AS n FROM webhook_deliveries"),
+        1
+    );
+    assert_eq!(receiver.received().len(), 1, "no second webhook");
+    assert_eq!(
+        app.db.count("SELECT count(*) AS n FROM dead_letters"),
+        1,
+        "not dead-lettered again"
+    );
+    assert_eq!(
+        app.db
+            .count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL"),
+        0
+    );
+    roles.stop().await;
+}
+
+fn cli(db: &TestDb, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_async-pay"))
+        .args(args)
+        .env("DATABASE_URL", &db.url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dlq_commands_list_and_replay() {
+    let db = TestDb::new().await;
+    let (p1, p2) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    db.exec(&format!(
+        "INSERT INTO dead_letters (message_id, payment_id, reason, death_count, body) VALUES \
+         ('a', '{p1}', 'rejected', 1, convert_to('{{\"payment_id\": \"{p1}\"}}', 'UTF8')), \
+         ('b', '{p2}', 'delivery_limit', 4, convert_to('{{\"payment_id\": \"{p2}\"}}', 'UTF8')), \
+         ('c', NULL, 'rejected', 1, '\\xff00'::bytea)"
+    ))
+    .unwrap();
+    let db = Arc::new(db);
+    let run = |args: &'static [&'static str]| {
+        let db = db.clone();
+        async move {
+            tokio::task::spawn_blocking(move || cli(&db, args))
+                .await
+                .unwrap()
+        }
+    };
+
+    let (code, out, err) = run(&["dlq", "list", "--limit", "2"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines[0].starts_with("ID") && lines[0].contains("REPLAYED"));
+    assert!(
+        lines[1].starts_with("3 ") && lines[2].starts_with("2 "),
+        "newest first: {out}"
+    );
+    assert!(lines[2].contains(&p2.to_string()) && lines[2].contains("delivery_limit"));
+
+    let (code, out, _) = run(&["dlq", "replay", "999"]).await;
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains("dead letter 999: no such dead letter"),
+        "{out}"
+    );
+
+    let (code, out, err) = run(&["dlq", "replay", "--all"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("dead letter 1: replayed as outbox event"),
+        "{out}"
+    );
+    assert!(
+        out.contains("dead letter 2: replayed as outbox event"),
+        "{out}"
+    );
+    assert!(out.contains("dead letter 3: its body is not JSON"), "{out}");
+    assert!(out.contains("replayed 2 dead letter(s)"), "{out}");
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM outbox WHERE event_type = 'payment.created' AND published_at IS NULL"),
+        2
+    );
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM dead_letters WHERE replayed_at IS NOT NULL"),
+        2
+    );
+
+    let (code, out, _) = run(&["dlq", "replay", "1"]).await;
+    assert_eq!(code, Some(0));
+    assert!(out.contains("dead letter 1: already replayed at"), "{out}");
+    let (code, _, _) = run(&["dlq", "replay", "3"]).await;
+    assert_eq!(code, Some(1), "a body that is not JSON cannot be replayed");
+    assert_eq!(db.count("SELECT count(*) AS n FROM outbox"), 2);
+
+    let (_, out, _) = run(&["dlq", "list"]).await;
+    assert_eq!(out.matches("yes, ").count(), 2, "{out}");
+    // Neither an id nor --all: a usage error.
+    let (code, _, err) = run(&["dlq", "replay"]).await;
+    assert_eq!(code, Some(2), "{err}");
+}

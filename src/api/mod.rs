@@ -3,6 +3,7 @@
 pub mod health;
 pub mod openapi;
 pub mod payments;
+pub mod request_id;
 pub mod webhooks;
 
 use std::sync::Arc;

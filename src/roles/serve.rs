@@ -33,8 +33,11 @@ pub fn start(settings: &Settings) -> anyhow::Result<Started> {
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
-            // Method, path, status, size, duration: never headers (API keys) or bodies.
-            .wrap(Logger::new(r#"%a "%r" %s %b %Dms"#))
+            // Innermost: a request id for the response header and every log line of the request.
+            .wrap(from_fn(api::request_id::middleware))
+            // Method, path, status, size, duration, request id: never other headers (API keys)
+            // or bodies.
+            .wrap(Logger::new(r#"%a "%r" %s %b %Dms req=%{x-request-id}o"#))
             // Outermost: counts every request, labelled with its matched route pattern.
             .wrap(from_fn(metrics::track_http))
             .configure(api::routes)

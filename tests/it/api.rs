@@ -60,6 +60,37 @@ async fn create_answers_202_and_get_returns_the_full_payment() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn every_response_carries_a_request_id() {
+    let app = TestApp::spawn().await;
+    let given = request(
+        "GET",
+        &app.url("/health"),
+        &[("X-Request-Id", "trace-42")],
+        None,
+    )
+    .await;
+    assert_eq!(
+        given.headers["x-request-id"], "trace-42",
+        "the client's id is echoed"
+    );
+    let made = app.post_payment(KEY_A, "rid", body()).await;
+    let id = &made.headers["x-request-id"];
+    assert_eq!(id.len(), 32, "a fresh id is made when none was sent: {id}");
+    let odd = request(
+        "GET",
+        &app.url("/nope"),
+        &[("X-Request-Id", "has space")],
+        None,
+    )
+    .await;
+    assert_ne!(
+        odd.headers["x-request-id"], "has space",
+        "an unusable id is replaced"
+    );
+    assert_eq!(odd.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn amounts_keep_every_digit_whether_string_or_number() {
     let app = TestApp::spawn().await;
     // Amounts as raw JSON text: a number literal must not pass through f64 anywhere.

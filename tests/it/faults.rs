@@ -372,7 +372,7 @@ async fn secrets_never_appear_in_the_logs_of_a_full_run() {
     }
     s.wait_healthy().await;
     let (accepted, _) = tokio::task::block_in_place(|| s.pay_many("logs", 20, 2));
-    // Some failures too: a wrong key, a DB blip.
+    // Some failures too: a wrong key.
     request(
         "GET",
         &s.url("/api/v1/payments"),
@@ -380,6 +380,38 @@ async fn secrets_never_appear_in_the_logs_of_a_full_run() {
         None,
     )
     .await;
+    // A request id reaches every log line of its request, the handler's own included.
+    let traced = request(
+        "POST",
+        &s.url("/api/v1/payments"),
+        &[
+            ("X-API-Key", KEY_A),
+            ("Idempotency-Key", "traced"),
+            ("X-Request-Id", "trace-me-7"),
+        ],
+        Some(
+            serde_json::json!({"amount": "1", "currency": "RUB", "webhook_url": s.receiver.url("/hook")})
+                .to_string()
+                .into_bytes(),
+        ),
+    )
+    .await;
+    let traced_id = traced.json["payment_id"].as_str().unwrap().to_string();
+    let logs_now = s.all_logs();
+    assert!(
+        logs_now.lines().any(|l| l.contains("[req trace-me-7]")
+            && l.contains(&traced_id)
+            && l.contains("created")),
+        "the handler's log line carries the request id"
+    );
+    assert!(
+        logs_now
+            .lines()
+            .any(|l| l.contains("req=trace-me-7") && l.contains(" 202 ")),
+        "so does the access log"
+    );
+    let mut accepted = accepted;
+    accepted.push(traced_id);
     s.assert_nothing_lost(&accepted, 0, Duration::from_secs(30))
         .await;
     let logs = s.all_logs();

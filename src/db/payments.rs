@@ -198,6 +198,19 @@ pub async fn release_claims(conn: &mut AsyncPgConnection, tokens: &[Uuid]) -> Qu
     .await
 }
 
+/// `SELECT` of [`PaymentView`]: the payment `p` and its newest webhook delivery `d`.
+macro_rules! view_select {
+    () => {
+        "SELECT p.*, d.status AS webhook_status, d.attempts AS webhook_attempts, \
+                d.last_attempt_at AS webhook_last_attempt_at, \
+                d.last_status_code AS webhook_last_status_code, \
+                d.next_attempt_at AS webhook_next_attempt_at \
+         FROM payments p \
+         LEFT JOIN LATERAL (SELECT * FROM webhook_deliveries w WHERE w.payment_id = p.id \
+                            ORDER BY w.created_at DESC, w.id DESC LIMIT 1) d ON true"
+    };
+}
+
 /// A payment with the state of its newest webhook delivery, read in one round trip.
 #[derive(Debug, Clone, QueryableByName)]
 pub struct PaymentView {
@@ -221,16 +234,10 @@ pub async fn view_for_merchant(
     id: Uuid,
     merchant: &str,
 ) -> QueryResult<Option<PaymentView>> {
-    diesel::sql_query(
-        "SELECT p.*, d.status AS webhook_status, d.attempts AS webhook_attempts, \
-                d.last_attempt_at AS webhook_last_attempt_at, \
-                d.last_status_code AS webhook_last_status_code, \
-                d.next_attempt_at AS webhook_next_attempt_at \
-         FROM payments p \
-         LEFT JOIN LATERAL (SELECT * FROM webhook_deliveries w WHERE w.payment_id = p.id \
-                            ORDER BY w.created_at DESC, w.id DESC LIMIT 1) d ON true \
-         WHERE p.id = $1 AND p.merchant = $2",
-    )
+    diesel::sql_query(concat!(
+        view_select!(),
+        " WHERE p.id = $1 AND p.merchant = $2"
+    ))
     .bind::<sql_types::Uuid, _>(id)
     .bind::<sql_types::Text, _>(merchant)
     .get_result(conn)
@@ -256,22 +263,16 @@ pub async fn list_for_merchant(
     filter: &ListFilter,
     limit: i64,
 ) -> QueryResult<Vec<PaymentView>> {
-    diesel::sql_query(
-        "SELECT p.*, d.status AS webhook_status, d.attempts AS webhook_attempts, \
-                d.last_attempt_at AS webhook_last_attempt_at, \
-                d.last_status_code AS webhook_last_status_code, \
-                d.next_attempt_at AS webhook_next_attempt_at \
-         FROM payments p \
-         LEFT JOIN LATERAL (SELECT * FROM webhook_deliveries w WHERE w.payment_id = p.id \
-                            ORDER BY w.created_at DESC, w.id DESC LIMIT 1) d ON true \
-         WHERE p.merchant = $1 \
+    diesel::sql_query(concat!(
+        view_select!(),
+        " WHERE p.merchant = $1 \
            AND ($2::text IS NULL OR p.status = $2) \
            AND ($3::timestamptz IS NULL OR p.created_at > $3) \
            AND ($4::timestamptz IS NULL OR p.created_at < $4) \
            AND ($5::timestamptz IS NULL OR (p.created_at, p.id) < ($5, $6)) \
          ORDER BY p.created_at DESC, p.id DESC \
-         LIMIT $7",
-    )
+         LIMIT $7"
+    ))
     .bind::<sql_types::Text, _>(merchant)
     .bind::<sql_types::Nullable<sql_types::Text>, _>(filter.status.map(|s| s.as_str()))
     .bind::<sql_types::Nullable<sql_types::Timestamptz>, _>(filter.created_after)

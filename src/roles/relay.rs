@@ -216,7 +216,7 @@ async fn session(
 }
 
 /// Deletes published rows past the retention period, a batch at a time.
-async fn sweep(conn: &mut AsyncPgConnection, retention: Duration) {
+pub async fn sweep(conn: &mut AsyncPgConnection, retention: Duration) {
     let cutoff = time::OffsetDateTime::now_utc() - retention;
     let mut total = 0;
     loop {

@@ -590,3 +590,30 @@ async fn a_payment_whose_consumer_vanished_is_finalised_by_another() {
     a.stop().await;
     assert_eq!(broker.depth(&s.amqp.queue).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_relay_deletes_published_events_past_retention_only() {
+    let db = TestDb::new().await;
+    db.exec(
+        "INSERT INTO outbox (event_type, payload, created_at, published_at) \
+         SELECT 'payment.created', '{}', now() - interval '9 days', now() - interval '8 days' FROM generate_series(1, 2500); \
+         INSERT INTO outbox (event_type, payload, published_at) VALUES ('payment.created', '{}', now()); \
+         INSERT INTO outbox (event_type, payload, created_at) VALUES ('payment.created', '{}', now() - interval '30 days');",
+    )
+    .unwrap();
+    let mut c =
+        <diesel_async::AsyncPgConnection as diesel_async::AsyncConnection>::establish(&db.url)
+            .await
+            .unwrap();
+    relay::sweep(&mut c, Duration::from_secs(7 * 24 * 3600)).await;
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM outbox"),
+        2,
+        "old published rows go, in batches"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL"),
+        1,
+        "an unpublished row is never deleted"
+    );
+}

@@ -315,7 +315,15 @@ impl Settings {
     pub fn from_table(table: toml::Table) -> anyhow::Result<Self> {
         let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| {
-                anyhow::anyhow!("invalid configuration at `{}`: {}", e.path(), e.inner())
+                let path = e.path().to_string();
+                // serde quotes the offending value; for settings that hold secrets, it must not
+                // reach a log or a terminal.
+                let why = if path.starts_with("merchants") || path.ends_with("url") {
+                    without_quoted(&e.inner().to_string())
+                } else {
+                    e.inner().to_string()
+                };
+                anyhow::anyhow!("invalid configuration at `{path}`: {why}")
             })?;
         settings.validate()?;
         Ok(settings)
@@ -454,10 +462,48 @@ pub fn redact_url(raw: &str) -> String {
             if u.password().is_some() {
                 let _ = u.set_password(Some("***"));
             }
+            // libpq-style `?password=…` too.
+            if u.query_pairs()
+                .any(|(k, _)| k.eq_ignore_ascii_case("password"))
+            {
+                let pairs: Vec<(String, String)> = u
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if k.eq_ignore_ascii_case("password") {
+                            "***".into()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             u.to_string()
         }
         Err(_) => "<unparseable url>".to_string(),
     }
+}
+
+/// An error message with every quoted value replaced by `"…"`.
+fn without_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut inside = false;
+    for c in message.chars() {
+        match (c, inside) {
+            ('"', false) => {
+                inside = true;
+                out.push_str("\"…");
+            }
+            ('"', true) => {
+                inside = false;
+                out.push('"');
+            }
+            (_, false) => out.push(c),
+            (_, true) => {}
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -606,6 +652,17 @@ mod tests {
         assert!(!dbg.contains("hunter2"));
         assert!(!dbg.contains(s.merchants[0].webhook_secret.expose()));
         assert_eq!(redact_url(s.database.url.expose()), "postgres://u:***@h/db");
+        assert_eq!(
+            redact_url("postgres://h/db?password=hunter2&sslmode=disable"),
+            "postgres://h/db?password=***&sslmode=disable"
+        );
+        // A malformed merchants variable is not echoed back.
+        let err = load_env(&[("ASYNC_PAY__MERCHANTS", "[{name = 'x', api_key = 'hunter3'")])
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(err.contains("merchants"), "{err}");
+        assert!(!err.contains("hunter3"), "{err}");
     }
 
     #[test]

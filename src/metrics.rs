@@ -331,6 +331,7 @@ pub fn outcome_label(d: &Disposition) -> &'static str {
         Disposition::Ack(Handled::Malformed) => "malformed",
         Disposition::Retry(_) => "retry",
         Disposition::DeadLetter(_) => "dead_letter",
+        Disposition::Release => "released",
     }
 }
 

@@ -101,6 +101,12 @@ pub fn payload(p: &Payment) -> serde_json::Value {
     })
 }
 
+/// Bytes from a merchant's endpoint as storable text: invalid UTF-8 and NUL (which PostgreSQL
+/// text refuses) become U+FFFD.
+fn printable(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}")
+}
+
 /// The host part of a webhook URL (for per-host limits).
 pub fn host_of(url: &str) -> String {
     url::Url::parse(url)
@@ -263,16 +269,15 @@ impl Sender {
         let id = d.message_id.clone();
         let now = OffsetDateTime::now_utc();
         let ts = now.unix_timestamp();
-        let signature = signature_header(
-            self.keys.get(&d.merchant).map(Vec::as_slice).unwrap_or(&[]),
-            &id,
-            ts,
-            &body,
-        );
+        // A merchant removed from the configuration has no key: fail the attempt rather than
+        // send an unsigned webhook.
+        let keys = self.keys.get(&d.merchant).filter(|k| !k.is_empty());
+        let signature = keys.map(|k| signature_header(k, &id, ts, &body));
         let agent = self.agent.clone();
         let url = d.url.clone();
         let started = Instant::now();
         let sent = tokio::task::spawn_blocking(move || -> Result<(u16, String), String> {
+            let signature = signature.ok_or("no webhook secret is configured for this merchant")?;
             let mut resp = agent
                 .post(&url)
                 .header("content-type", "application/json")
@@ -288,14 +293,14 @@ impl Sender {
                 .as_reader()
                 .take(RESPONSE_BODY_LIMIT)
                 .read_to_end(&mut buf);
-            Ok((status, String::from_utf8_lossy(&buf).into_owned()))
+            Ok((status, printable(&buf)))
         })
         .await
         .unwrap_or_else(|e| Err(format!("sender task failed: {e}")));
         let took = started.elapsed();
         let (status, error, response_body) = match sent {
             Ok((s, b)) => (Some(s), None, Some(b)),
-            Err(e) => (None, Some(e), None),
+            Err(e) => (None, Some(printable(e.as_bytes())), None),
         };
         crate::metrics::webhook_attempt(status, took);
         let next = after_attempt(

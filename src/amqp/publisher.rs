@@ -196,13 +196,24 @@ impl Publisher {
                 let args = BasicPublishArguments::new(&self.exchange, &self.routing_key)
                     .mandatory(true)
                     .finish();
-                if let Err(e) = self
-                    .channel
-                    .basic_publish(props, m.body.clone(), args)
-                    .await
-                {
+                // A blocked connection (broker memory or disk alarm) makes publishing wait
+                // forever: bound it like the confirms.
+                let sent = tokio::time::timeout(
+                    self.confirm_timeout,
+                    self.channel.basic_publish(props, m.body.clone(), args),
+                )
+                .await;
+                let failure = match sent {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(anyhow::Error::new(e).context("publishing failed")),
+                    Err(_) => Some(anyhow::anyhow!(
+                        "publishing stalled for {:?} (is the broker blocking publishers?)",
+                        self.confirm_timeout
+                    )),
+                };
+                if let Some(e) = failure {
                     lock(&self.state).fail_all();
-                    return Err(anyhow::Error::new(e).context("publishing failed"));
+                    return Err(e);
                 }
                 receivers.push(rx);
             }

@@ -106,6 +106,12 @@ impl PaymentRequest {
                         "must not contain NUL characters",
                     ));
                 }
+                if has_unstorable_number(&v) {
+                    return Err(ApiError::validation(
+                        "metadata",
+                        "numbers must have an exponent between -1000 and 1000",
+                    ));
+                }
                 if serde_json::to_vec(&v)
                     .map(|b| b.len())
                     .unwrap_or(usize::MAX)
@@ -158,6 +164,27 @@ fn has_nul(v: &Value) -> bool {
         Value::String(s) => s.contains('\0'),
         Value::Array(a) => a.iter().any(has_nul),
         Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
+    }
+}
+
+/// Largest decimal exponent accepted in metadata numbers: PostgreSQL's jsonb stores numbers as
+/// NUMERIC and refuses `1e200000`; no real metadata needs more than this.
+const MAX_METADATA_EXPONENT: i64 = 1000;
+
+fn has_unstorable_number(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => {
+            let text = n.to_string();
+            match text.split_once(['e', 'E']) {
+                None => false,
+                Some((_, exp)) => exp
+                    .parse::<i64>()
+                    .map_or(true, |e| e.abs() > MAX_METADATA_EXPONENT),
+            }
+        }
+        Value::Array(a) => a.iter().any(has_unstorable_number),
+        Value::Object(o) => o.values().any(has_unstorable_number),
         _ => false,
     }
 }
@@ -615,6 +642,10 @@ fn decode_cursor(raw: &str) -> Option<(OffsetDateTime, Uuid)> {
     let at =
         OffsetDateTime::from_unix_timestamp_nanos(micros.parse::<i128>().ok()?.checked_mul(1000)?)
             .ok()?;
+    // Only times PostgreSQL can compare with (and this API could have issued).
+    if !(1..=9999).contains(&at.year()) {
+        return None;
+    }
     Some((at, Uuid::parse_str(id).ok()?))
 }
 
@@ -802,6 +833,15 @@ mod tests {
         let id = Uuid::now_v7();
         assert_eq!(decode_cursor(&encode_cursor(at, id)), Some((at, id)));
         assert_eq!(decode_cursor("not-a-cursor"), None);
+        let ancient = OffsetDateTime::from_unix_timestamp(-300_000_000_000).unwrap();
+        assert_eq!(
+            decode_cursor(&encode_cursor(ancient, id)),
+            None,
+            "outside PostgreSQL's range"
+        );
+        let huge = r#"{"amount": "1", "currency": "RUB", "metadata": {"a": [1e200000]}}"#;
+        assert_eq!(field_of(huge), "metadata", "a number jsonb cannot store");
+        assert!(parse(r#"{"amount": "1", "currency": "RUB", "metadata": {"a": 1.5e300}}"#).is_ok());
         assert!(parse_list_query("limit=0").is_err());
         assert!(parse_list_query("limit=201").is_err());
         assert!(parse_list_query("status=done").is_err());

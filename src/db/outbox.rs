@@ -50,8 +50,8 @@ pub async fn mark_published(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryR
         .await
 }
 
-/// Deletes up to `limit` events published before `cutoff`. Walks the primary key from the
-/// oldest id, which is where old published rows are, so it needs no index of its own.
+/// Deletes up to `limit` events published before `cutoff`, oldest first, through
+/// `outbox_published_at_idx` (so the rows that are kept are never read).
 pub async fn delete_published_before(
     conn: &mut AsyncPgConnection,
     cutoff: OffsetDateTime,
@@ -60,7 +60,7 @@ pub async fn delete_published_before(
     diesel::sql_query(
         "DELETE FROM outbox WHERE id IN ( \
              SELECT id FROM outbox WHERE published_at IS NOT NULL AND published_at < $1 \
-             ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED)",
+             ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
     )
     .bind::<diesel::sql_types::Timestamptz, _>(cutoff)
     .bind::<diesel::sql_types::BigInt, _>(limit)

@@ -182,18 +182,21 @@ pub async fn finalise(
     .optional()
 }
 
-/// Gives up claims (a consumer shutting down with payments unfinished), so their redelivered
-/// messages are processed at once instead of after the lease.
-pub async fn release_claims(conn: &mut AsyncPgConnection, tokens: &[Uuid]) -> QueryResult<usize> {
-    diesel::update(
-        payments::table
-            .filter(payments::claim_token.eq_any(tokens))
-            .filter(payments::status.eq("pending")),
+/// Gives up claims, each `(payment id, claim token)` (a consumer shutting down, or a gateway
+/// error), so the redelivered messages are processed at once instead of after the lease. Goes
+/// by primary key: no scan.
+pub async fn release_claims(
+    conn: &mut AsyncPgConnection,
+    claims: &[(Uuid, Uuid)],
+) -> QueryResult<usize> {
+    let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = claims.iter().copied().unzip();
+    diesel::sql_query(
+        "UPDATE payments p SET claim_token = NULL, claimed_until = NULL \
+         FROM unnest($1::uuid[], $2::uuid[]) AS c(id, token) \
+         WHERE p.id = c.id AND p.claim_token = c.token AND p.status = 'pending'",
     )
-    .set((
-        payments::claim_token.eq(None::<Uuid>),
-        payments::claimed_until.eq(None::<OffsetDateTime>),
-    ))
+    .bind::<sql_types::Array<sql_types::Uuid>, _>(ids)
+    .bind::<sql_types::Array<sql_types::Uuid>, _>(tokens)
     .execute(conn)
     .await
 }

@@ -174,9 +174,12 @@ pub async fn record_attempt(
             .on_conflict_do_nothing()
             .execute(c)
             .await?;
+        // Only while this attempt is still the latest claim: a sender that overran its lease
+        // must not reset the lease of the one that took over.
         let target = webhook_deliveries::table
             .filter(d::id.eq(attempt.delivery_id))
-            .filter(d::status.eq("pending"));
+            .filter(d::status.eq("pending"))
+            .filter(d::attempts.eq(attempt.attempt));
         let code = d::last_status_code.eq(attempt.status_code);
         match next {
             AfterAttempt::Delivered => {

@@ -60,6 +60,9 @@ pub enum Disposition {
     Retry(String),
     /// Give up: reject without requeue, so it goes to the dead-letter queue.
     DeadLetter(String),
+    /// Leave it unsettled: closing the channel hands it back without counting a delivery
+    /// (used when stopping).
+    Release,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +80,12 @@ enum Failure {
     Gateway(#[from] GatewayError),
     #[error("database error: {0}")]
     Db(anyhow::Error),
+    /// Stopped before it could finish (SIGTERM while waiting): not the message's fault.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// Our claim lapsed and the payment is still pending (the other holder gave up too).
+    #[error("lost the claim while the payment is still pending")]
+    LostClaim,
 }
 
 /// Payment processing, independent of RabbitMQ: tests drive [`Processor::handle_one`] directly.
@@ -86,7 +95,7 @@ pub struct Processor {
     delivery_limit: u32,
     lease: Duration,
     /// Claim tokens of payments being processed now, released on shutdown.
-    active: Mutex<HashSet<Uuid>>,
+    active: Mutex<HashSet<(Uuid, Uuid)>>,
     /// Wakes the webhook sender when a delivery was just written.
     webhook_wake: Arc<tokio::sync::Notify>,
     shutdown: Shutdown,
@@ -128,6 +137,12 @@ impl Processor {
         let id = event.payment_id;
         match self.process(id).await {
             Ok(h) => Disposition::Ack(h),
+            Err(Failure::ShuttingDown) => {
+                log::info!(
+                    "payment {id}: stopping before it was finished; handing the message back"
+                );
+                Disposition::Release
+            }
             Err(e) if delivery >= self.delivery_limit => {
                 log::error!(
                     "payment {id}: {e}; attempt {delivery} of {}, giving up: dead-lettering",
@@ -164,9 +179,7 @@ impl Processor {
                         "payment {id}: database unavailable while trying to {what} ({why}); retrying in {wait:?}"
                     );
                     if self.shutdown.sleep(wait).await {
-                        return Err(Failure::Db(anyhow::anyhow!(
-                            "shutting down while the database is unavailable"
-                        )));
+                        return Err(Failure::ShuttingDown);
                     }
                 }
                 Err(DbError::Other(e)) => {
@@ -214,16 +227,14 @@ impl Processor {
                     let left = Duration::from_millis(s.claim_left_ms.unwrap_or(0).max(50) as u64);
                     log::debug!("payment {id}: claimed elsewhere for {left:?} more; waiting");
                     if self.shutdown.sleep(left.min(CLAIM_RECHECK)).await {
-                        return Err(Failure::Db(anyhow::anyhow!(
-                            "shutting down while waiting for another claim"
-                        )));
+                        return Err(Failure::ShuttingDown);
                     }
                 }
             }
         };
-        self.track(token, true);
+        self.track(id, token, true);
         let result = self.charge_and_finalise(&payment, token).await;
-        self.track(token, false);
+        self.track(id, token, false);
         result
     }
 
@@ -241,7 +252,7 @@ impl Processor {
                 let _ = self
                     .db("release the claim", id, || async {
                         let mut c = db::conn(pool).await?;
-                        Ok(payments_db::release_claims(&mut c, &[token]).await?)
+                        Ok(payments_db::release_claims(&mut c, &[(id, token)]).await?)
                     })
                     .await;
                 return Err(e.into());
@@ -274,7 +285,17 @@ impl Processor {
                 Ok(Handled::Finalised(id, status))
             }
             None => {
-                // Our claim lapsed and another consumer took over and finalised it first.
+                // Our claim lapsed and someone else took the payment over. If they finalised it,
+                // their outcome stands; if it is still pending, try again later.
+                let state = self
+                    .db("read the payment", id, || async {
+                        let mut c = db::conn(pool).await?;
+                        Ok(payments_db::claim_state(&mut c, id).await?)
+                    })
+                    .await?;
+                if state.is_some_and(|s| s.status == "pending") {
+                    return Err(Failure::LostClaim);
+                }
                 log::warn!(
                     "payment {id}: lost the claim before finalising; the other consumer's outcome stands"
                 );
@@ -283,19 +304,19 @@ impl Processor {
         }
     }
 
-    fn track(&self, token: Uuid, active: bool) {
+    fn track(&self, id: Uuid, token: Uuid, active: bool) {
         let mut set = self.active.lock().unwrap_or_else(|e| e.into_inner());
         if active {
-            set.insert(token);
+            set.insert((id, token));
         } else {
-            set.remove(&token);
+            set.remove(&(id, token));
         }
     }
 
     /// Releases the claims of payments still in flight (shutdown), so they are redelivered and
     /// processed at once elsewhere instead of after their lease.
     pub async fn release_active(&self) {
-        let tokens: Vec<Uuid> = self
+        let tokens: Vec<(Uuid, Uuid)> = self
             .active
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -456,6 +477,7 @@ async fn settle(ch: &Channel, tag: u64, previous: u32, disposition: Disposition)
             ch.basic_reject(BasicRejectArguments::new(tag, true)).await
         }
         Disposition::DeadLetter(_) => ch.basic_reject(BasicRejectArguments::new(tag, false)).await,
+        Disposition::Release => Ok(()),
     };
     if let Err(e) = result {
         log::warn!(

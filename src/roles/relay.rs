@@ -107,12 +107,28 @@ pub async fn open_publisher(
     Ok((conn, publisher))
 }
 
+/// A dedicated connection (not pooled: LISTEN and `--once` need their own), opened within
+/// `database.acquire_timeout` (at least 5 s) so an unreachable host fails instead of hanging.
+async fn connect_db(settings: &Settings) -> anyhow::Result<AsyncPgConnection> {
+    let url = settings.database.url.expose();
+    let limit = settings
+        .database
+        .acquire_timeout
+        .max(Duration::from_secs(5));
+    tokio::time::timeout(limit, AsyncPgConnection::establish(url))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from the database at {} within {limit:?}",
+                redact_url(url)
+            )
+        })?
+        .with_context(|| format!("cannot connect to the database at {}", redact_url(url)))
+}
+
 /// `relay --once`: publishes everything unpublished, returns how many rows.
 pub async fn run_once(settings: &Settings) -> anyhow::Result<usize> {
-    let url = settings.database.url.expose();
-    let mut conn = AsyncPgConnection::establish(url)
-        .await
-        .with_context(|| format!("cannot connect to the database at {}", redact_url(url)))?;
+    let mut conn = connect_db(settings).await?;
     let (amqp_conn, publisher) = open_publisher(settings).await?;
     let mut total = 0;
     loop {
@@ -162,10 +178,7 @@ async fn session(
     last_sweep: &mut Option<tokio::time::Instant>,
     failures: &mut u32,
 ) -> anyhow::Result<()> {
-    let url = settings.database.url.expose();
-    let mut listener = AsyncPgConnection::establish(url)
-        .await
-        .with_context(|| format!("cannot connect to the database at {}", redact_url(url)))?;
+    let mut listener = connect_db(settings).await?;
     diesel::sql_query(format!("LISTEN {CHANNEL}"))
         .execute(&mut listener)
         .await

@@ -26,6 +26,8 @@ impl Received {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reply {
     Status(u16),
+    /// A status with this body.
+    StatusBody(u16, &'static [u8]),
     /// Never answer (the sender must cut it at its timeout).
     Hang,
 }
@@ -112,6 +114,14 @@ impl Receiver {
                                 "HTTP/1.1 {code} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
                             );
                             let _ = w.write_all(resp.as_bytes()).await;
+                        }
+                        Reply::StatusBody(code, body) => {
+                            let head = format!(
+                                "HTTP/1.1 {code} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                                body.len()
+                            );
+                            let _ = w.write_all(head.as_bytes()).await;
+                            let _ = w.write_all(body).await;
                         }
                     }
                 });

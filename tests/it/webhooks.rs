@@ -552,3 +552,34 @@ async fn a_dead_endpoint_does_not_delay_other_merchants() {
     );
     roles.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_binary_response_body_is_recorded_and_the_delivery_completes() {
+    let db = TestDb::new().await;
+    let (s, _broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let receiver = Receiver::start().await;
+    // NUL and invalid UTF-8: PostgreSQL text refuses NUL, so it must be stored replaced.
+    receiver.script(&[Reply::StatusBody(200, b"ok\0\xff\xfe bin")]);
+    let mut roles = Roles::new();
+    roles.consume(&s, Arc::new(SimulatedGateway::new(&s.gateway)));
+    let id = pay(&app, &s, "binary", &receiver.url("/")).await;
+    eventually(
+        Duration::from_secs(10),
+        "the delivery to be marked delivered",
+        || async { (delivery_status(&app, &id, "delivered") == 1).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        receiver.received().len(),
+        1,
+        "sent once, not again and again"
+    );
+    let stored = app.db.count(&format!(
+        "SELECT count(*) AS n FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id \
+         WHERE d.payment_id = '{id}' AND a.response_body LIKE 'ok%bin'"
+    ));
+    assert_eq!(stored, 1);
+    roles.stop().await;
+}

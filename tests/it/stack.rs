@@ -81,6 +81,18 @@ fn free_port() -> u16 {
         .port()
 }
 
+impl Drop for Stack {
+    /// Stops the processes; keeps their logs only when the test failed (and says where).
+    fn drop(&mut self) {
+        self.procs.clear();
+        if std::thread::panicking() {
+            eprintln!("logs of the async-pay processes: {}", self.logs.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.logs);
+        }
+    }
+}
+
 impl Stack {
     /// `extra` env entries override the defaults below.
     pub async fn new(extra: &[(&str, &str)]) -> Stack {

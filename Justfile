@@ -18,6 +18,10 @@ migrate:
 test *ARGS:
     cargo nextest run {{ARGS}}
 
+# Benchmark against the local services (issue 6): `just bench`, or `just bench --quick` (CI).
+bench *ARGS:
+    python3 bench/bench.py {{ARGS}}
+
 # Fuzz the API with schemathesis against /openapi.json of a real serve (EXAMPLES per operation; CI runs it).
 schemathesis EXAMPLES="25":
     bash scripts/schemathesis.sh {{EXAMPLES}}

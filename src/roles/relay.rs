@@ -2,8 +2,9 @@
 //!
 //! Loop: LISTEN on `outbox_inserted` (before the first query, so no wake-up is missed), drain
 //! the outbox in batches ([`drain_once`]: lock a batch with SKIP LOCKED, publish with confirms,
-//! mark only the confirmed rows published, commit), then sleep until a NOTIFY or
-//! `relay.poll_interval`. Several relays can run at once; each row goes to one of them.
+//! mark only the confirmed rows published, commit; up to [`DRAINS_IN_FLIGHT`] batches at once,
+//! on their own connections), then sleep until a NOTIFY or `relay.poll_interval`. Several relays
+//! can run at once; each row goes to one of them.
 //!
 //! On failure (database or broker down, channel closed, confirms missing) it logs, backs off
 //! (1 s, 2 s, 4 s … 30 s), reconnects both sides and carries on; unconfirmed rows stay unpublished
@@ -189,43 +190,96 @@ async fn session(
         settings.amqp.exchange
     );
     let mut notifications = std::pin::pin!(listener.notifications_stream());
+    let batch = settings.relay.batch_size;
+    // Batches in flight, each in its own transaction on its own pooled connection.
+    let mut drains = futures_util::stream::FuturesUnordered::new();
+    // A drain is due: at start (whatever is waiting), after a NOTIFY, a poll tick or a full batch.
+    let mut due = true;
     let result = loop {
-        // Drain until a batch comes back short.
-        let mut conn = db::conn(pool).await?;
-        loop {
-            let d = drain_once(&mut conn, &publisher, settings.relay.batch_size).await?;
-            if d.published < d.claimed {
-                anyhow::bail!(
-                    "RabbitMQ did not confirm {} events",
-                    d.claimed - d.published
-                );
-            }
-            *failures = 0;
-            if d.claimed < settings.relay.batch_size as usize {
-                break;
-            }
+        while due && drains.len() < DRAINS_IN_FLIGHT {
+            due = false;
+            drains.push(drain_pooled(pool, &publisher, batch));
         }
-        if last_sweep.is_none_or(|t| t.elapsed() >= RETENTION_EVERY) {
+        if drains.is_empty() && last_sweep.is_none_or(|t| t.elapsed() >= RETENTION_EVERY) {
             *last_sweep = Some(tokio::time::Instant::now());
-            sweep(&mut conn, settings.relay.retention).await;
+            match db::conn(pool).await {
+                Ok(mut conn) => sweep(&mut conn, settings.relay.retention).await,
+                Err(e) => break Err(e.into()),
+            }
         }
-        drop(conn);
         if !publisher.is_open() {
             break Err(anyhow::anyhow!("the publishing channel closed"));
         }
         tokio::select! {
+            Some(d) = drains.next(), if !drains.is_empty() => match d {
+                Ok(d) if d.published < d.claimed => {
+                    break Err(anyhow::anyhow!("RabbitMQ did not confirm {} events", d.claimed - d.published));
+                }
+                Ok(d) => {
+                    *failures = 0;
+                    // A full batch: more may be waiting.
+                    due |= d.claimed >= batch as usize;
+                }
+                Err(e) => break Err(e),
+            },
             n = notifications.next() => match n {
-                Some(Ok(_)) => {}
+                // Every committed insert notifies, and one drain serves them all: take the ones
+                // already queued now instead of running an empty drain for each of them.
+                Some(Ok(_)) => {
+                    due = true;
+                    if let Err(e) = skip_queued(notifications.as_mut()) { break Err(e) }
+                }
                 // The stream must not be polled after it ended: reconnect instead.
                 Some(Err(e)) => break Err(anyhow::Error::new(e).context("lost the LISTEN connection")),
                 None => break Err(anyhow::anyhow!("the LISTEN connection ended")),
             },
-            _ = tokio::time::sleep(settings.relay.poll_interval) => {}
+            _ = tokio::time::sleep(settings.relay.poll_interval) => due = true,
             _ = shutdown.wait() => break Ok(()),
         }
     };
+    // Let the batches in flight finish (each waits at most amqp.confirm_timeout for its confirms):
+    // what the broker confirmed is marked published, the rest stays unpublished.
+    while drains.next().await.is_some() {}
     let _ = amqp_conn.close().await;
     result
+}
+
+/// Batches a relay has in flight at once. While one waits for its confirms and its commit, the
+/// next one already locks and publishes what was committed meanwhile, so an event waits for
+/// about one batch instead of up to two; more would only split the work into smaller batches.
+const DRAINS_IN_FLIGHT: usize = 2;
+
+/// [`drain_once`] on a connection of its own from the pool.
+async fn drain_pooled(
+    pool: &db::Pool,
+    publisher: &Publisher,
+    batch: u32,
+) -> anyhow::Result<Drained> {
+    let mut conn = db::conn(pool).await?;
+    drain_once(&mut conn, publisher, batch).await
+}
+
+/// Most notifications taken at once by [`skip_queued`]; a bound only, the queue is never this long.
+const MAX_SKIPPED: usize = 100_000;
+
+/// Takes the notifications that are already queued, without waiting for more. An error means the
+/// LISTEN connection failed or ended: the stream must not be polled again, the caller reconnects.
+fn skip_queued<S>(mut notifications: std::pin::Pin<&mut S>) -> anyhow::Result<()>
+where
+    S: futures_util::Stream<Item = diesel::QueryResult<diesel::pg::PgNotification>>,
+{
+    use futures_util::FutureExt;
+    for _ in 0..MAX_SKIPPED {
+        match notifications.next().now_or_never() {
+            None => break,
+            Some(Some(Ok(_))) => {}
+            Some(Some(Err(e))) => {
+                return Err(anyhow::Error::new(e).context("lost the LISTEN connection"));
+            }
+            Some(None) => return Err(anyhow::anyhow!("the LISTEN connection ended")),
+        }
+    }
+    Ok(())
 }
 
 /// Deletes published rows past the retention period, a batch at a time.

@@ -617,3 +617,44 @@ async fn the_relay_deletes_published_events_past_retention_only() {
         "an unpublished row is never deleted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_during_a_database_outage_hands_the_message_back_uncounted() {
+    let db = TestDb::new().await;
+    let (mut s, _broker) = fast(&db);
+    let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let mut url = url::Url::parse(&db.url).unwrap();
+    url.set_port(Some(proxy.addr.port())).unwrap();
+    s.database.url = async_pay::config::Secret::new(url.as_str());
+    proxy.cut();
+    let shutdown = Shutdown::new();
+    let pool = async_pay::db::pool(&s.database).unwrap();
+    let p = Arc::new(Processor::new(
+        &s,
+        pool,
+        CountingGateway::new(Duration::ZERO, false),
+        shutdown.clone(),
+    ));
+    let body = json!({"payment_id": uuid::Uuid::new_v4()}).to_string();
+    // The last allowed delivery: a failure now would dead-letter it.
+    let last = s.amqp.delivery_limit - 1;
+    let task = tokio::spawn({
+        let p = p.clone();
+        async move { p.handle_one(body.as_bytes(), last).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !task.is_finished(),
+        "a database outage is waited out, not failed"
+    );
+    shutdown.trigger();
+    let d = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        d,
+        Disposition::Release,
+        "not retried, not dead-lettered: handed back as it was"
+    );
+}

@@ -171,6 +171,37 @@ async fn same_key_same_meaning_replays_the_payment_without_a_second_row_or_event
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn metadata_numbers_keep_their_value_in_any_spelling() {
+    let app = TestApp::spawn().await;
+    // serde_json keeps the text of each number (arbitrary_precision), so this is what is sent.
+    let sent: Value = serde_json::from_str(
+        r#"{"amount": "1", "currency": "RUB",
+            "metadata": {"k": 1e3, "big": -4.6258100558555635e+228, "small": 2.50E-1, "z": -0}}"#,
+    )
+    .unwrap();
+    let first = app.post_payment(KEY_A, "idem-num", sent).await;
+    assert_eq!(first.status, 202, "{}", first.text);
+    let id = first.json["payment_id"].as_str().unwrap();
+    let got = app.get_payment(KEY_A, id).await;
+    let meta = &got.json["metadata"];
+    assert_eq!(meta["k"].to_string(), "1000");
+    assert_eq!(
+        meta["big"].to_string(),
+        format!("-46258100558555635{}", "0".repeat(212)),
+        "every digit kept, never through a float"
+    );
+    assert_eq!(meta["small"].to_string(), "0.250");
+    assert_eq!(meta["z"].to_string(), "0");
+
+    // A retry that sends the numbers as GET printed them is the same request, not a conflict.
+    let mut again = got.json.clone();
+    let again = json!({"amount": again["amount"].take(), "currency": "RUB", "metadata": meta});
+    let replay = app.post_payment(KEY_A, "idem-num", again).await;
+    assert_eq!(replay.status, 202, "{}", replay.text);
+    assert_eq!(replay.json["payment_id"], first.json["payment_id"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn same_key_with_another_body_is_a_conflict() {
     let app = TestApp::spawn().await;
     assert_eq!(app.post_payment(KEY_A, "idem-x", body()).await.status, 202);

@@ -78,6 +78,51 @@ impl Shutdown {
     }
 }
 
+/// Longest wait between reconnect (and retry) attempts of the long-running roles: short enough
+/// that an outage ends within seconds of the dependency coming back, long enough not to hammer
+/// it meanwhile.
+pub const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The reconnect policy of a long-running role, shared so all roles behave alike:
+///
+/// ```ignore
+/// let mut reconnect = Reconnect::new("relay", &shutdown);
+/// while !shutdown.is_triggered() {
+///     match session(&mut reconnect.failures).await {
+///         Ok(()) => break,
+///         Err(e) if reconnect.after(&e).await => break, // shutting down
+///         Err(_) => {}                                  // try again
+///     }
+/// }
+/// ```
+///
+/// A session resets `failures` to 0 once it is connected again.
+pub struct Reconnect<'a> {
+    role: &'static str,
+    shutdown: &'a Shutdown,
+    /// Failed sessions since the last successful connect.
+    pub failures: u32,
+}
+
+impl<'a> Reconnect<'a> {
+    pub fn new(role: &'static str, shutdown: &'a Shutdown) -> Self {
+        Reconnect {
+            role,
+            shutdown,
+            failures: 0,
+        }
+    }
+
+    /// Logs why the session ended and waits `backoff(failures, MAX_BACKOFF)`; returns true if
+    /// shutdown came meanwhile.
+    pub async fn after(&mut self, e: &anyhow::Error) -> bool {
+        let wait = backoff(self.failures, MAX_BACKOFF);
+        self.failures += 1;
+        log::error!("{}: {e:#}; reconnecting in {wait:?}", self.role);
+        self.shutdown.sleep(wait).await
+    }
+}
+
 /// Capped exponential backoff: 1s, 2s, 4s, … up to `cap`.
 pub fn backoff(attempt: u32, cap: std::time::Duration) -> std::time::Duration {
     let secs = 1u64.checked_shl(attempt.min(20)).unwrap_or(u64::MAX);

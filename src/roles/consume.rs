@@ -36,12 +36,9 @@ use crate::db::payments::{self as payments_db, Payment};
 use crate::db::{self, DbError, Pool};
 use crate::domain::{self, PaymentStatus};
 use crate::gateway::{Gateway, GatewayError, SimulatedGateway};
-use crate::shutdown::{Shutdown, backoff};
+use crate::shutdown::{MAX_BACKOFF, Reconnect, Shutdown, backoff};
 use crate::webhook;
 
-/// Longest wait between reconnect attempts: short enough that an outage ends within seconds of
-/// the dependency coming back, long enough not to hammer it meanwhile.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Longest a waiting duplicate sleeps before looking at a claimed payment again.
 const CLAIM_RECHECK: Duration = Duration::from_secs(2);
 
@@ -373,18 +370,12 @@ pub async fn run_with(
     )?);
     let sender_task = tokio::spawn(sender.run(shutdown.clone()));
 
-    let mut failures = 0u32;
+    let mut reconnect = Reconnect::new("consumer", &shutdown);
     while !shutdown.is_triggered() {
-        match session(&settings, &processor, &shutdown, &mut failures).await {
+        match session(&settings, &processor, &shutdown, &mut reconnect.failures).await {
             Ok(()) => break,
-            Err(e) => {
-                let wait = backoff(failures, MAX_BACKOFF);
-                failures += 1;
-                log::error!("consumer: {e:#}; reconnecting in {wait:?}");
-                if shutdown.sleep(wait).await {
-                    break;
-                }
-            }
+            Err(e) if reconnect.after(&e).await => break,
+            Err(_) => {}
         }
     }
     shutdown.trigger();

@@ -7,8 +7,6 @@
 //! (and in the queue) and the insert is retried with backoff; a lost broker connection is
 //! reopened with backoff.
 
-use std::time::Duration;
-
 use amqprs::BasicProperties;
 use amqprs::channel::{BasicAckArguments, BasicConsumeArguments, BasicQosArguments};
 use anyhow::Context;
@@ -19,11 +17,8 @@ use crate::config::Settings;
 use crate::db::dead_letters::{self, NewDeadLetter};
 use crate::db::{self, DbError, Pool};
 use crate::roles::consume::PaymentEvent;
-use crate::shutdown::{Shutdown, backoff};
+use crate::shutdown::{MAX_BACKOFF, Reconnect, Shutdown, backoff};
 
-/// Longest wait between reconnect attempts: short enough that an outage ends within seconds of
-/// the dependency coming back, long enough not to hammer it meanwhile.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Dead letters recorded concurrently; they are rare, this only bounds a burst.
 const PREFETCH: u16 = 32;
 
@@ -128,18 +123,12 @@ pub async fn record(
 
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let pool = db::pool(&settings.database)?;
-    let mut failures = 0u32;
+    let mut reconnect = Reconnect::new("dlq-watch", &shutdown);
     while !shutdown.is_triggered() {
-        match session(&settings, &pool, &shutdown, &mut failures).await {
+        match session(&settings, &pool, &shutdown, &mut reconnect.failures).await {
             Ok(()) => break,
-            Err(e) => {
-                let wait = backoff(failures, MAX_BACKOFF);
-                failures += 1;
-                log::error!("dlq-watch: {e:#}; reconnecting in {wait:?}");
-                if shutdown.sleep(wait).await {
-                    break;
-                }
-            }
+            Err(e) if reconnect.after(&e).await => break,
+            Err(_) => {}
         }
     }
     log::info!("dlq-watch stopped");

@@ -24,7 +24,7 @@ use crate::amqp::publisher::{Confirm, Outgoing, Publisher};
 use crate::amqp::{self, topology};
 use crate::config::{Settings, redact_url};
 use crate::db::{self, outbox};
-use crate::shutdown::{Shutdown, backoff};
+use crate::shutdown::{Reconnect, Shutdown};
 
 /// NOTIFY channel written by the `outbox_notify` trigger.
 pub const CHANNEL: &str = "outbox_inserted";
@@ -32,9 +32,6 @@ pub const CHANNEL: &str = "outbox_inserted";
 const RETENTION_BATCH: i64 = 1000;
 /// How often the retention sweep runs.
 const RETENTION_EVERY: Duration = Duration::from_secs(60);
-/// Longest wait between reconnect attempts: short enough that an outage ends within seconds of
-/// the dependency coming back, long enough not to hammer it meanwhile.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// What one [`drain_once`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -152,19 +149,21 @@ pub async fn run_once(settings: &Settings) -> anyhow::Result<usize> {
 /// The long-running relay, until `shutdown`.
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let pool = db::pool(&settings.database)?;
-    let mut failures = 0u32;
     let mut last_sweep: Option<tokio::time::Instant> = None;
+    let mut reconnect = Reconnect::new("relay", &shutdown);
     while !shutdown.is_triggered() {
-        match session(&settings, &pool, &shutdown, &mut last_sweep, &mut failures).await {
+        match session(
+            &settings,
+            &pool,
+            &shutdown,
+            &mut last_sweep,
+            &mut reconnect.failures,
+        )
+        .await
+        {
             Ok(()) => break,
-            Err(e) => {
-                let wait = backoff(failures, MAX_BACKOFF);
-                failures += 1;
-                log::error!("relay: {e:#}; retrying in {wait:?}");
-                if shutdown.sleep(wait).await {
-                    break;
-                }
-            }
+            Err(e) if reconnect.after(&e).await => break,
+            Err(_) => {}
         }
     }
     log::info!("relay stopped");

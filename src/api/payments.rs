@@ -618,6 +618,12 @@ pub async fn create(
     }))
 }
 
+/// The `{id}` of a payment URL. A malformed id answers 404 like an unknown one: to the client
+/// both are "no such payment".
+pub(super) fn payment_id(path: web::Path<String>) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(&path.into_inner()).map_err(|_| ApiError::NotFound("payment"))
+}
+
 /// Fetch a payment
 #[utoipa::path(
     get,
@@ -638,7 +644,7 @@ pub async fn get(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let merchant = authenticate(&req, &state)?;
-    let id = Uuid::parse_str(&path.into_inner()).map_err(|_| ApiError::NotFound("payment"))?;
+    let id = payment_id(path)?;
     let view = db::with_timeout(state.db_deadline, async {
         let mut conn = db::conn(&state.pool).await?;
         Ok(payments_db::view_for_merchant(&mut conn, id, &merchant).await?)

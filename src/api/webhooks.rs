@@ -5,6 +5,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::payments::payment_id;
 use super::{AppState, authenticate};
 use crate::db::payments as payments_db;
 use crate::db::webhooks as webhooks_db;
@@ -39,10 +40,6 @@ pub struct ResendOut {
     pub delivery_id: Uuid,
     pub webhook_id: String,
     pub status: &'static str,
-}
-
-fn payment_id(path: web::Path<String>) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(&path.into_inner()).map_err(|_| ApiError::NotFound("payment"))
 }
 
 /// List webhook attempts

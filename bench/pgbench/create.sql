@@ -17,7 +17,8 @@ WITH p AS (
             'demo', 100.50, 'RUB', 'Order #123', '{"order_id": "123"}'::jsonb,
             'pgb-' || :key::bigint, sha256(('pgb-' || :key::bigint)::bytea), NULL)
     ON CONFLICT (merchant, idempotency_key) DO NOTHING
-    RETURNING *
+    RETURNING id, merchant, amount, currency, description, metadata, status, idempotency_key,
+              request_fingerprint, webhook_url, created_at, processed_at
 ), o AS (
     INSERT INTO outbox (event_type, payload)
     SELECT 'payment.created', jsonb_build_object('payment_id', p.id) FROM p

@@ -3,11 +3,15 @@
 -- bench.py loads :rows payments whose ids are lpad(to_hex(i), 32, '0') for i in 1..rows first.
 -- Keep it in step with view_select!/view_for_merchant when they change.
 \set i random(1, :rows)
-SELECT p.*, d.status AS webhook_status, d.attempts AS webhook_attempts,
-       d.last_attempt_at AS webhook_last_attempt_at,
-       d.last_status_code AS webhook_last_status_code,
-       d.next_attempt_at AS webhook_next_attempt_at
+SELECT id, merchant, amount, currency, description, metadata, status, idempotency_key,
+       request_fingerprint, webhook_url, created_at, processed_at,
+       webhook_status, webhook_attempts, webhook_last_attempt_at,
+       webhook_last_status_code, webhook_next_attempt_at
 FROM payments p
-LEFT JOIN LATERAL (SELECT * FROM webhook_deliveries w WHERE w.payment_id = p.id
+LEFT JOIN LATERAL (SELECT status AS webhook_status, attempts AS webhook_attempts,
+                          last_attempt_at AS webhook_last_attempt_at,
+                          last_status_code AS webhook_last_status_code,
+                          next_attempt_at AS webhook_next_attempt_at
+                   FROM webhook_deliveries w WHERE w.payment_id = p.id
                    ORDER BY w.created_at DESC, w.id DESC LIMIT 1) d ON true
 WHERE p.id = lpad(to_hex(:i::bigint), 32, '0')::uuid AND p.merchant = 'demo';

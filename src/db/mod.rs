@@ -5,6 +5,7 @@
 pub mod dead_letters;
 pub mod outbox;
 pub mod payments;
+pub mod prepared;
 pub mod schema;
 pub mod webhooks;
 

@@ -7,6 +7,7 @@ use rust_decimal::Decimal;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::prepared;
 use super::schema::payments;
 
 #[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
@@ -24,6 +25,17 @@ pub struct Payment {
     pub webhook_url: Option<String>,
     pub created_at: OffsetDateTime,
     pub processed_at: Option<OffsetDateTime>,
+}
+
+/// The columns of [`Payment`], for hand-written statements. Named, never `*`: a statement is
+/// prepared once per connection, and PostgreSQL refuses to run a prepared `SELECT *` or
+/// `RETURNING *` after a migration adds a column ("cached plan must not change result type"),
+/// which would break every running process during a rolling deploy.
+macro_rules! payment_columns {
+    () => {
+        "id, merchant, amount, currency, description, metadata, status, idempotency_key, \
+         request_fingerprint, webhook_url, created_at, processed_at"
+    };
 }
 
 #[derive(Debug, Clone)]
@@ -50,19 +62,20 @@ pub async fn insert_with_event(
     conn: &mut AsyncPgConnection,
     new: &NewPayment<'_>,
 ) -> QueryResult<Option<Payment>> {
-    diesel::sql_query(
+    prepared::sql_query(concat!(
         "WITH p AS ( \
              INSERT INTO payments (id, merchant, amount, currency, description, metadata, \
                                    idempotency_key, request_fingerprint, webhook_url) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (merchant, idempotency_key) DO NOTHING \
-             RETURNING * \
-         ), o AS ( \
+             RETURNING ",
+        payment_columns!(),
+        " ), o AS ( \
              INSERT INTO outbox (event_type, payload) \
              SELECT $10, jsonb_build_object('payment_id', p.id) FROM p \
          ) \
          SELECT * FROM p",
-    )
+    ))
     .bind::<sql_types::Uuid, _>(new.id)
     .bind::<sql_types::Text, _>(new.merchant)
     .bind::<sql_types::Numeric, _>(new.amount)
@@ -124,11 +137,12 @@ pub async fn claim(
     token: Uuid,
     lease: std::time::Duration,
 ) -> QueryResult<Option<Payment>> {
-    diesel::sql_query(
+    prepared::sql_query(concat!(
         "UPDATE payments SET claim_token = $2, claimed_until = now() + $3 * interval '1 millisecond' \
          WHERE id = $1 AND status = 'pending' AND (claimed_until IS NULL OR claimed_until < now()) \
-         RETURNING *",
-    )
+         RETURNING ",
+        payment_columns!()
+    ))
     .bind::<sql_types::Uuid, _>(id)
     .bind::<sql_types::Uuid, _>(token)
     .bind::<sql_types::BigInt, _>(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
@@ -151,7 +165,7 @@ pub async fn claim_state(
     conn: &mut AsyncPgConnection,
     id: Uuid,
 ) -> QueryResult<Option<ClaimState>> {
-    diesel::sql_query(
+    prepared::sql_query(
         "SELECT status, (extract(epoch FROM claimed_until - now()) * 1000)::bigint AS claim_left_ms \
          FROM payments WHERE id = $1",
     )
@@ -169,11 +183,12 @@ pub async fn finalise(
     token: Uuid,
     status: crate::domain::PaymentStatus,
 ) -> QueryResult<Option<Payment>> {
-    diesel::sql_query(
+    prepared::sql_query(concat!(
         "UPDATE payments SET status = $3, processed_at = now(), claim_token = NULL, claimed_until = NULL \
          WHERE id = $1 AND status = 'pending' AND claim_token = $2 \
-         RETURNING *",
-    )
+         RETURNING ",
+        payment_columns!()
+    ))
     .bind::<sql_types::Uuid, _>(id)
     .bind::<sql_types::Uuid, _>(token)
     .bind::<sql_types::Text, _>(status.as_str())
@@ -190,7 +205,7 @@ pub async fn release_claims(
     claims: &[(Uuid, Uuid)],
 ) -> QueryResult<usize> {
     let (ids, tokens): (Vec<Uuid>, Vec<Uuid>) = claims.iter().copied().unzip();
-    diesel::sql_query(
+    prepared::sql_query(
         "UPDATE payments p SET claim_token = NULL, claimed_until = NULL \
          FROM unnest($1::uuid[], $2::uuid[]) AS c(id, token) \
          WHERE p.id = c.id AND p.claim_token = c.token AND p.status = 'pending'",
@@ -201,16 +216,23 @@ pub async fn release_claims(
     .await
 }
 
-/// `SELECT` of [`PaymentView`]: the payment `p` and its newest webhook delivery `d`.
+/// `SELECT` of [`PaymentView`]: the payment `p` and its newest webhook delivery `d` (whose
+/// columns are all named `webhook_*`, so the payment's columns need no table prefix).
 macro_rules! view_select {
     () => {
-        "SELECT p.*, d.status AS webhook_status, d.attempts AS webhook_attempts, \
-                d.last_attempt_at AS webhook_last_attempt_at, \
-                d.last_status_code AS webhook_last_status_code, \
-                d.next_attempt_at AS webhook_next_attempt_at \
-         FROM payments p \
-         LEFT JOIN LATERAL (SELECT * FROM webhook_deliveries w WHERE w.payment_id = p.id \
-                            ORDER BY w.created_at DESC, w.id DESC LIMIT 1) d ON true"
+        concat!(
+            "SELECT ",
+            payment_columns!(),
+            ", webhook_status, webhook_attempts, webhook_last_attempt_at, \
+               webhook_last_status_code, webhook_next_attempt_at \
+             FROM payments p \
+             LEFT JOIN LATERAL (SELECT status AS webhook_status, attempts AS webhook_attempts, \
+                                       last_attempt_at AS webhook_last_attempt_at, \
+                                       last_status_code AS webhook_last_status_code, \
+                                       next_attempt_at AS webhook_next_attempt_at \
+                                FROM webhook_deliveries w WHERE w.payment_id = p.id \
+                                ORDER BY w.created_at DESC, w.id DESC LIMIT 1) d ON true"
+        )
     };
 }
 
@@ -237,7 +259,7 @@ pub async fn view_for_merchant(
     id: Uuid,
     merchant: &str,
 ) -> QueryResult<Option<PaymentView>> {
-    diesel::sql_query(concat!(
+    prepared::sql_query(concat!(
         view_select!(),
         " WHERE p.id = $1 AND p.merchant = $2"
     ))
@@ -259,7 +281,8 @@ pub struct ListFilter {
 }
 
 /// A merchant's payments, newest first (created_at, then id), at most `limit`, each with its
-/// newest webhook delivery.
+/// newest webhook delivery. Left to `diesel::sql_query` (planned per call): with its catch-all
+/// filters a cached generic plan could not use the values given.
 pub async fn list_for_merchant(
     conn: &mut AsyncPgConnection,
     merchant: &str,

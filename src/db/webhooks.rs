@@ -6,6 +6,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::prepared;
 use super::schema::{webhook_attempts, webhook_deliveries};
 
 #[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
@@ -26,6 +27,15 @@ pub struct Delivery {
     pub last_status_code: Option<i32>,
     pub created_at: OffsetDateTime,
     pub finished_at: Option<OffsetDateTime>,
+}
+
+/// The columns of [`Delivery`], for hand-written statements: named, never `*`, for the reason
+/// given at `payment_columns!` in `db::payments` (prepared statements and added columns).
+macro_rules! delivery_columns {
+    () => {
+        "id, message_id, payment_id, merchant, event_type, url, host, payload, status, attempts, \
+         next_attempt_at, last_attempt_at, last_status_code, created_at, finished_at"
+    };
 }
 
 #[derive(Debug, Clone, Insertable)]
@@ -62,7 +72,7 @@ pub async fn claim_due(
     hosts: &[String],
     in_flight: &[i32],
 ) -> QueryResult<Vec<Delivery>> {
-    diesel::sql_query(
+    prepared::sql_query(concat!(
         "WITH busy AS (SELECT * FROM unnest($4::text[], $5::int[]) AS b(host, n)), \
          candidates AS ( \
              SELECT id, host, next_attempt_at FROM webhook_deliveries \
@@ -79,8 +89,9 @@ pub async fn claim_due(
          UPDATE webhook_deliveries SET attempts = attempts + 1, last_attempt_at = now(), \
                 next_attempt_at = now() + $2 * interval '1 millisecond' \
          WHERE id IN (SELECT id FROM chosen) \
-         RETURNING *",
-    )
+         RETURNING ",
+        delivery_columns!()
+    ))
     .bind::<sql_types::BigInt, _>(limit)
     .bind::<sql_types::BigInt, _>(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
     .bind::<sql_types::Integer, _>(room)

@@ -15,6 +15,7 @@ mod helpers;
 mod metrics;
 mod openapi;
 mod pipeline;
+mod prepared;
 mod props;
 mod proxy;
 mod receiver;

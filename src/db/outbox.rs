@@ -54,13 +54,15 @@ pub async fn mark_published(conn: &mut AsyncPgConnection, ids: &[i64]) -> QueryR
 }
 
 /// Deletes up to `limit` events published before `cutoff`, oldest first, through
-/// `outbox_published_at_idx` (so the rows that are kept are never read).
+/// `outbox_published_at_idx` (so the rows that are kept are never read). Planned per call on
+/// purpose (`diesel::sql_query`, not `prepared`): it runs once a minute, and the generic plan of
+/// a prepared one, not knowing `limit`, is a hash join over a sequential scan of the whole table.
 pub async fn delete_published_before(
     conn: &mut AsyncPgConnection,
     cutoff: OffsetDateTime,
     limit: i64,
 ) -> QueryResult<usize> {
-    prepared::sql_query(
+    diesel::sql_query(
         "DELETE FROM outbox WHERE id IN ( \
              SELECT id FROM outbox WHERE published_at IS NOT NULL AND published_at < $1 \
              ORDER BY published_at LIMIT $2 FOR UPDATE SKIP LOCKED)",

@@ -22,7 +22,7 @@ use crate::config::Settings;
 use crate::db::Pool;
 use crate::error::ApiError;
 
-/// What every handler needs, shared by all workers.
+/// What every handler needs; one per HTTP worker, each with its own share of the pool.
 pub struct AppState {
     pub pool: Pool,
     pub merchants: Merchants,

@@ -16,7 +16,7 @@ use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 
 use crate::api::{self, AppState};
-use crate::config::{Settings, redact_url};
+use crate::config::{DatabaseSettings, Settings, redact_url};
 use crate::{db, metrics};
 
 /// A server bound to its address but not yet awaited (tests spawn it and use `addr`).
@@ -27,33 +27,48 @@ pub struct Started {
 
 /// Binds the listener (so the port is known before anything runs) and builds the server.
 pub fn start(settings: &Settings) -> anyhow::Result<Started> {
+    // Never more workers than connections: each worker holds its own share of the pool.
     let workers = match settings.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
-    };
-    // One pool per worker, each with its share of `database.pool_size` (at least one). A
-    // connection's I/O task runs on the worker (runtime) that opened it, so with one shared pool
-    // about half the queries hopped between worker threads twice; per-worker pools cut serve's
-    // CPU per GET from about 85 to 62-73 µs (measured on 2 cores, 2026-11-26).
-    let states = (0..workers)
+    }
+    .min(settings.database.pool_size);
+    // One pool per worker, each with its share of `database.pool_size`, together exactly
+    // `pool_size`. A connection's I/O task runs on the worker (runtime) that opened it, so with
+    // one shared pool about half the queries hopped between worker threads twice; per-worker
+    // pools cut serve's CPU per GET from about 85 to 62-73 µs (measured on 2 cores, 2026-11-26).
+    // The price: a request waits only for its own worker's connections.
+    let shares: Vec<DatabaseSettings> = (0..workers)
         .map(|i| {
-            let mut database = settings.database.clone();
-            database.pool_size = (database.pool_size / workers
-                + usize::from(i < database.pool_size % workers))
-            .max(1);
-            Ok(web::Data::new(AppState::new(
-                settings,
-                db::pool(&database)?,
-            )))
+            let mut share = settings.database.clone();
+            share.pool_size = settings.database.pool_size / workers
+                + usize::from(i < settings.database.pool_size % workers);
+            share
         })
+        .collect();
+    let states = shares
+        .iter()
+        .map(|share| Ok(web::Data::new(AppState::new(settings, db::pool(share)?))))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    // The factory runs once per worker (again if a worker is restarted): each takes the next pool.
+    // The factory runs once per worker, and again for a worker that actix restarts after it
+    // died: that one gets a new pool of the dead worker's size rather than sharing a live one.
     let next = Arc::new(AtomicUsize::new(0));
+    let app_settings = settings.clone();
     let listener = TcpListener::bind(&settings.server.bind)
         .with_context(|| format!("cannot listen on {}", settings.server.bind))?;
     let addr = listener.local_addr()?;
     let server = HttpServer::new(move || {
-        let state = states[next.fetch_add(1, Ordering::Relaxed) % states.len()].clone();
+        let n = next.fetch_add(1, Ordering::Relaxed);
+        let state = match states.get(n) {
+            Some(state) => state.clone(),
+            None => match db::pool(&shares[n % workers]) {
+                Ok(pool) => web::Data::new(AppState::new(&app_settings, pool)),
+                Err(e) => {
+                    log::error!("restarted HTTP worker: {e:#}; it shares a pool with another");
+                    states[n % workers].clone()
+                }
+            },
+        };
         App::new()
             .app_data(state)
             // Innermost: a request id for the response header and every log line of the request.

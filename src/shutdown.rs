@@ -96,11 +96,13 @@ pub const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(10);
 /// }
 /// ```
 ///
-/// A session resets `failures` to 0 once it is connected again.
+/// A session resets `failures` to 0 once it has worked again (the relay after a batch, the
+/// consumers after a message), so a dependency that accepts connections but fails every
+/// operation still backs off.
 pub struct Reconnect<'a> {
     role: &'static str,
     shutdown: &'a Shutdown,
-    /// Failed sessions since the last successful connect.
+    /// Failed sessions since the session last worked.
     pub failures: u32,
 }
 

@@ -229,12 +229,18 @@ fn write_canonical_json(v: &Value, out: &mut String) {
     }
 }
 
-/// A JSON number's text in plain positional notation without redundant zeros or sign: `1e3`,
-/// `1000.0` and `01000` give `1000`; `-0.0` gives `0`; `2.50E-1` gives `0.25`. Exact for every
-/// magnitude (no float, no 28-digit limit), and for numbers a `Decimal` holds it prints what
-/// `Decimal::normalize` prints, so fingerprints stored before this function existed still match.
-/// Text that is not a JSON number, or whose exponent is far beyond what the API accepts, is
-/// returned unchanged.
+/// A JSON number's text in one exact spelling per value: `1e3`, `1000.0` and `01000` give `1000`;
+/// `-0.0` gives `0`; `2.50E-1` gives `0.25`. Exact for every magnitude (no float, no 28-digit
+/// limit). Numbers within `POSITIONAL_PLACES` of the decimal point are written out in full —
+/// every number a `Decimal` holds is, and gets what `Decimal::normalize` prints, so fingerprints
+/// stored before this function existed still match; others are written `0.DIGITSe<N>`
+/// (`1e1000` gives `0.1e1001`), so the text never grows beyond the digits given. Text that is
+/// not a JSON number is returned unchanged.
+/// Where the value is `0.DIGITS x 10^point`, the points [`canonical_number`] writes out in full:
+/// enough for every `Decimal` (at most 29 digits before the point and 28 after it), few enough
+/// that `1e1000` in metadata does not become a thousand characters to hash.
+const POSITIONAL_PLACES: std::ops::RangeInclusive<i64> = -28..=29;
+
 fn canonical_number(text: &str) -> String {
     let (negative, rest) = match text.strip_prefix('-') {
         Some(r) => (true, r),
@@ -261,13 +267,12 @@ fn canonical_number(text: &str) -> String {
         return "0".to_string();
     }
     let point = (int_part.len() as i64 - leading as i64).saturating_add(exponent);
-    if point.unsigned_abs() > 2 * MAX_METADATA_EXPONENT.unsigned_abs() + MAX_METADATA_BYTES as u64 {
-        return text.to_string(); // not a number the API accepts; do not spell out its zeros
+    let sign = if negative { "-" } else { "" };
+    if !POSITIONAL_PLACES.contains(&point) {
+        return format!("{sign}0.{digits}e{point}");
     }
     let mut out = String::with_capacity(digits.len() + point.unsigned_abs() as usize + 3);
-    if negative {
-        out.push('-');
-    }
+    out.push_str(sign);
     if point <= 0 {
         out.push_str("0.");
         out.extend(std::iter::repeat_n('0', point.unsigned_abs() as usize));
@@ -968,13 +973,14 @@ mod tests {
         // PostgreSQL's jsonb prints a large exponent out in full; both spellings mean one number.
         let written = "-4.6258100558555635e+228";
         let stored = format!("-46258100558555635{}", "0".repeat(212));
-        assert_eq!(canonical_number(written), canonical_number(&stored));
-        assert_eq!(canonical_number(&stored), stored);
-        assert_eq!(
-            canonical_number("1e999999999999"),
-            "1e999999999999",
-            "no terabyte of zeros"
-        );
+        assert_eq!(canonical_number(written), "-0.46258100558555635e229");
+        assert_eq!(canonical_number(&stored), "-0.46258100558555635e229");
+        assert_eq!(canonical_number("0.000123e-40"), "0.123e-43");
+        assert_eq!(canonical_number("1e999999999999"), "0.1e1000000000000");
+        // The edges of the positional range: a Decimal's largest and smallest magnitudes.
+        assert_eq!(canonical_number("7.9e28"), format!("79{}", "0".repeat(27)));
+        assert_eq!(canonical_number("1e-28"), format!("0.{}1", "0".repeat(27)));
+        assert_eq!(canonical_number("1e29"), "0.1e30");
     }
 
     proptest::proptest! {

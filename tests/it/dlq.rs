@@ -139,11 +139,14 @@ async fn replaying_a_final_payments_dead_letter_changes_nothing() {
         )
         .await;
     let id = r.json["payment_id"].as_str().unwrap().to_string();
-    eventually(Duration::from_secs(15), "the webhook", || async {
-        (receiver.received().len() == 1).then_some(())
+    // Received is not yet recorded: wait until the payment shows its webhook delivered, so the
+    // state compared at the end is the settled one.
+    let final_state = eventually(Duration::from_secs(15), "the webhook delivered", || async {
+        let p = app.get_payment(KEY_A, &id).await.json;
+        (p["webhook"]["status"] == "delivered").then_some(p)
     })
     .await;
-    let final_state = app.get_payment(KEY_A, &id).await.json;
+    assert_eq!(receiver.received().len(), 1);
     assert_eq!(final_state["status"], "succeeded");
 
     // A dead letter of this payment (say, from a delivery that died before it was final).

@@ -229,6 +229,11 @@ fn write_canonical_json(v: &Value, out: &mut String) {
     }
 }
 
+/// Where the value is `0.DIGITS x 10^point`, the points [`canonical_number`] writes out in full:
+/// enough for every `Decimal` (at most 29 digits before the point and 28 after it), few enough
+/// that `1e1000` in metadata does not become a thousand characters to hash.
+const POSITIONAL_PLACES: std::ops::RangeInclusive<i64> = -28..=29;
+
 /// A JSON number's text in one exact spelling per value: `1e3`, `1000.0` and `01000` give `1000`;
 /// `-0.0` gives `0`; `2.50E-1` gives `0.25`. Exact for every magnitude (no float, no 28-digit
 /// limit). Numbers within `POSITIONAL_PLACES` of the decimal point are written out in full —
@@ -236,11 +241,6 @@ fn write_canonical_json(v: &Value, out: &mut String) {
 /// stored before this function existed still match; others are written `0.DIGITSe<N>`
 /// (`1e1000` gives `0.1e1001`), so the text never grows beyond the digits given. Text that is
 /// not a JSON number is returned unchanged.
-/// Where the value is `0.DIGITS x 10^point`, the points [`canonical_number`] writes out in full:
-/// enough for every `Decimal` (at most 29 digits before the point and 28 after it), few enough
-/// that `1e1000` in metadata does not become a thousand characters to hash.
-const POSITIONAL_PLACES: std::ops::RangeInclusive<i64> = -28..=29;
-
 fn canonical_number(text: &str) -> String {
     let (negative, rest) = match text.strip_prefix('-') {
         Some(r) => (true, r),

@@ -114,6 +114,23 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
         .context("cannot build the database pool")
 }
 
+/// A dedicated connection, not pooled (LISTEN, `relay --once`, the `dlq` commands), opened
+/// within `acquire_timeout` (at least 5 s) so an unreachable host fails instead of hanging.
+pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<AsyncPgConnection> {
+    use diesel_async::AsyncConnection;
+    let url = settings.url.expose();
+    let limit = settings.acquire_timeout.max(Duration::from_secs(5));
+    tokio::time::timeout(limit, AsyncPgConnection::establish(url))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from the database at {} within {limit:?}",
+                redact_url(url)
+            )
+        })?
+        .with_context(|| format!("cannot connect to the database at {}", redact_url(url)))
+}
+
 /// Takes a connection from the pool.
 pub async fn conn(pool: &Pool) -> Result<PooledConn, DbError> {
     Ok(pool.get().await?)

@@ -51,7 +51,8 @@ pub struct NewPayment<'a> {
     pub webhook_url: Option<&'a str>,
 }
 
-/// Event type of the outbox row written with every new payment.
+/// Event type of the outbox row written with every new payment (and by `dlq replay`): what the
+/// consumer reads.
 pub const PAYMENT_CREATED: &str = "payment.created";
 
 /// Inserts the payment and its `payment.created` outbox row in ONE statement (so one round trip

@@ -20,13 +20,10 @@ use diesel_async::{AsyncConnection, AsyncPgConnection};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::config::{Settings, redact_url};
+use crate::config::Settings;
 use crate::db::dead_letters::{self, DeadLetter, Summary};
-use crate::db::outbox;
+use crate::db::{self, outbox, payments};
 
-/// The event a replay writes: the one the API writes for a new payment, which is what the
-/// consumer reads.
-pub const EVENT_TYPE: &str = "payment.created";
 /// Dead letters replayed per transaction by `--all`: bounded, so a large backlog does not hold
 /// thousands of row locks in one transaction.
 const REPLAY_BATCH: i64 = 100;
@@ -89,7 +86,7 @@ async fn replay_locked(
     let Ok(payload) = serde_json::from_slice::<serde_json::Value>(&d.body) else {
         return Ok(Replay::NotJson);
     };
-    let outbox_id = outbox::insert(conn, EVENT_TYPE, &payload).await?;
+    let outbox_id = outbox::insert(conn, payments::PAYMENT_CREATED, &payload).await?;
     dead_letters::mark_replayed(conn, d.id).await?;
     Ok(Replay::Replayed {
         outbox_id,
@@ -214,10 +211,7 @@ pub fn describe(id: i64, r: &Replay) -> String {
 
 /// `async-pay dlq …`.
 pub async fn run(settings: &Settings, cmd: DlqCommand) -> anyhow::Result<()> {
-    let url = settings.database.url.expose();
-    let mut conn = AsyncPgConnection::establish(url)
-        .await
-        .with_context(|| format!("cannot connect to the database at {}", redact_url(url)))?;
+    let mut conn = db::connect(&settings.database).await?;
     match cmd {
         DlqCommand::List { limit } => {
             let rows = dead_letters::summaries(&mut conn, limit)

@@ -22,7 +22,7 @@ use futures_util::StreamExt;
 
 use crate::amqp::publisher::{Confirm, Outgoing, Publisher};
 use crate::amqp::{self, topology};
-use crate::config::{Settings, redact_url};
+use crate::config::Settings;
 use crate::db::{self, outbox};
 use crate::shutdown::{Reconnect, Shutdown};
 
@@ -105,28 +105,9 @@ pub async fn open_publisher(
     Ok((conn, publisher))
 }
 
-/// A dedicated connection (not pooled: LISTEN and `--once` need their own), opened within
-/// `database.acquire_timeout` (at least 5 s) so an unreachable host fails instead of hanging.
-async fn connect_db(settings: &Settings) -> anyhow::Result<AsyncPgConnection> {
-    let url = settings.database.url.expose();
-    let limit = settings
-        .database
-        .acquire_timeout
-        .max(Duration::from_secs(5));
-    tokio::time::timeout(limit, AsyncPgConnection::establish(url))
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "no answer from the database at {} within {limit:?}",
-                redact_url(url)
-            )
-        })?
-        .with_context(|| format!("cannot connect to the database at {}", redact_url(url)))
-}
-
 /// `relay --once`: publishes everything unpublished, returns how many rows.
 pub async fn run_once(settings: &Settings) -> anyhow::Result<usize> {
-    let mut conn = connect_db(settings).await?;
+    let mut conn = db::connect(&settings.database).await?;
     let (amqp_conn, publisher) = open_publisher(settings).await?;
     let mut total = 0;
     loop {
@@ -178,7 +159,7 @@ async fn session(
     last_sweep: &mut Option<tokio::time::Instant>,
     failures: &mut u32,
 ) -> anyhow::Result<()> {
-    let mut listener = connect_db(settings).await?;
+    let mut listener = db::connect(&settings.database).await?;
     diesel::sql_query(format!("LISTEN {CHANNEL}"))
         .execute(&mut listener)
         .await

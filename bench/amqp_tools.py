@@ -21,6 +21,7 @@ import pika
 
 
 def connect(url):
+    """A blocking connection; `with connect(url) as conn:` closes it."""
     params = pika.URLParameters(url)
     params.heartbeat = 30
     params.blocked_connection_timeout = 30
@@ -29,39 +30,27 @@ def connect(url):
 
 
 def server_version(url):
-    conn = connect(url)
-    try:
+    with connect(url) as conn:
         props = conn._impl.server_properties or {}
         v = props.get("version", b"?")
         return v.decode() if isinstance(v, bytes) else str(v)
-    finally:
-        conn.close()
 
 
 def purge(url, queue):
-    conn = connect(url)
-    try:
-        ch = conn.channel()
-        return ch.queue_purge(queue).method.message_count
-    finally:
-        conn.close()
+    with connect(url) as conn:
+        return conn.channel().queue_purge(queue).method.message_count
 
 
 def queue_depth(url, queue):
-    conn = connect(url)
-    try:
-        ch = conn.channel()
-        return ch.queue_declare(queue, passive=True).method.message_count
-    finally:
-        conn.close()
+    with connect(url) as conn:
+        return conn.channel().queue_declare(queue, passive=True).method.message_count
 
 
 def delete(url, queues, exchanges):
     """Deletes the queues and exchanges; ones that do not exist are fine. Returns the names
     that could not be deleted, with the reason."""
     failed = []
-    conn = connect(url)
-    try:
+    with connect(url) as conn:
         for kind, names in (("queue", queues), ("exchange", exchanges)):
             for name in names:
                 # A failed delete closes the channel (404 on an unknown name in old brokers):
@@ -77,8 +66,6 @@ def delete(url, queues, exchanges):
                         failed.append(f"{kind} {name}: {e}")
                     continue
                 ch.close()
-    finally:
-        conn.close()
     return failed
 
 

@@ -5,12 +5,8 @@
 -- IDS_FILE holds one payment id per line; each request picks one at random. done() prints
 -- "BENCH_JSON {...}"; non_expected counts responses whose status is not 200.
 
-local threads = {}
-
-function setup(thread)
-   thread:set("tid", #threads + 1)
-   table.insert(threads, thread)
-end
+-- setup() and done() (the BENCH_JSON line) live in report.lua, next to this file.
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "report.lua")
 
 function init(args)
    local path = args[1]
@@ -40,21 +36,4 @@ function response(status, _headers, _body)
    if status ~= 200 then
       non_expected = non_expected + 1
    end
-end
-
-function done(summary, latency, _requests)
-   local bad, answered = 0, 0
-   for _, t in ipairs(threads) do
-      bad = bad + t:get("non_expected")
-      answered = answered + t:get("responses")
-   end
-   io.write(string.format(
-      'BENCH_JSON {"requests": %d, "answered": %d, "duration_us": %d, "non_expected": %d, ' ..
-      '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, ' ..
-      '"latency_us": {"mean": %.1f, "p50": %d, "p90": %d, "p99": %d, "max": %d}}\n',
-      summary.requests, answered, summary.duration, bad,
-      summary.errors.connect, summary.errors.read, summary.errors.write, summary.errors.status,
-      summary.errors.timeout,
-      latency.mean, latency:percentile(50), latency:percentile(90), latency:percentile(99),
-      latency.max))
 end

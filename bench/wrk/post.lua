@@ -12,12 +12,8 @@
 -- done() prints one line "BENCH_JSON {...}" with the figures bench.py reads. non_expected counts
 -- responses whose status is not 202 (wrk's own errors.status only counts statuses >= 400).
 
-local threads = {}
-
-function setup(thread)
-   thread:set("tid", #threads + 1)
-   table.insert(threads, thread)
-end
+-- setup() and done() (the BENCH_JSON line) live in report.lua, next to this file.
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "report.lua")
 
 function init(args)
    run_id = args[1] or tostring(os.time())
@@ -47,21 +43,4 @@ function response(status, _headers, _body)
       io.stderr:write("BENCH_THREAD_DONE\n")
       wrk.thread:stop()
    end
-end
-
-function done(summary, latency, _requests)
-   local bad, answered = 0, 0
-   for _, t in ipairs(threads) do
-      bad = bad + t:get("non_expected")
-      answered = answered + t:get("responses")
-   end
-   io.write(string.format(
-      'BENCH_JSON {"requests": %d, "answered": %d, "duration_us": %d, "non_expected": %d, ' ..
-      '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, ' ..
-      '"latency_us": {"mean": %.1f, "p50": %d, "p90": %d, "p99": %d, "max": %d}}\n',
-      summary.requests, answered, summary.duration, bad,
-      summary.errors.connect, summary.errors.read, summary.errors.write, summary.errors.status,
-      summary.errors.timeout,
-      latency.mean, latency:percentile(50), latency:percentile(90), latency:percentile(99),
-      latency.max))
 end

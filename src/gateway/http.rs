@@ -100,9 +100,12 @@ fn describe(e: ureq::Error) -> String {
     }
 }
 
+/// A provider's text as storable text: at most [`TEXT_LIMIT`] bytes, NUL (which PostgreSQL
+/// text refuses) as U+FFFD.
 fn shorten(s: &str) -> String {
+    let s = s.replace('\0', "\u{FFFD}");
     if s.len() <= TEXT_LIMIT {
-        return s.to_string();
+        return s;
     }
     let mut end = TEXT_LIMIT;
     while !s.is_char_boundary(end) {
@@ -301,5 +304,17 @@ mod tests {
             }
         );
         assert!(matches!(classify(Status, 422, b""), Answer::Unknown { .. }));
+        // Text that PostgreSQL could not store never reaches it.
+        let nul = classify(
+            Charge,
+            200,
+            br#"{"status": "succeeded", "charge_id": "ch\u0000x"}"#,
+        );
+        assert_eq!(
+            nul,
+            Answer::Succeeded {
+                charge_id: "ch\u{FFFD}x".into()
+            }
+        );
     }
 }

@@ -12,8 +12,9 @@
 //! - The claim marks the payment `charging`: whoever takes it over later (a redelivered message,
 //!   the sweep) asks the provider's status before charging, and charges (same key) only on "not
 //!   found".
-//! - A call runs in a task of its own ([`Processor::wait_for_calls`]): a lost broker connection
-//!   or the shutdown deadline never throws an awaited answer away; its outcome is committed.
+//! - The claim, the call and its recording run in a task of their own
+//!   ([`Processor::wait_for_calls`]): a lost broker connection or the shutdown deadline never
+//!   throws a claim or an awaited answer away; the outcome is committed.
 
 pub mod pause;
 pub mod reconcile;
@@ -163,24 +164,43 @@ impl Processor {
             let Some(permit) = self.pause.clone().enter(&self.shutdown).await else {
                 return Err(Failure::ShuttingDown);
             };
-            let token = Uuid::new_v4();
-            let claimed = self
-                .db("claim the payment", id, None, || async {
-                    let mut c = db::conn(&self.pool).await?;
-                    Ok(payments_db::claim(&mut c, id, token, self.lease).await?)
-                })
-                .await?;
-            let Some(claimed) = claimed else {
-                drop(permit);
-                match self.not_claimed(id).await? {
+            match self.claim_and_call(id, permit).await? {
+                Some(Step::Done(outcome)) => return Ok(outcome),
+                Some(Step::Refused) => continue,
+                None => match self.not_claimed(id).await? {
                     Some(outcome) => return Ok(outcome),
                     None => continue,
-                }
-            };
-            match self.call_detached(claimed, token, permit).await? {
-                Step::Done(outcome) => return Ok(outcome),
-                Step::Refused => continue,
+                },
             }
+        }
+    }
+
+    /// Claims the payment and, if that worked, calls the gateway and records the answer, all
+    /// in a task of its own: dropping the returned future (a lost broker connection, the
+    /// shutdown deadline) stops none of it, so no claim is taken and then forgotten, and no
+    /// answer is thrown away. `None`: not claimed (final, unknown, or held elsewhere).
+    async fn claim_and_call(
+        self: &Arc<Self>,
+        id: Uuid,
+        permit: Permit,
+    ) -> Result<Option<Step>, Failure> {
+        let me = self.clone();
+        let task = self.calls.spawn(async move {
+            let token = Uuid::new_v4();
+            let claimed = me
+                .db("claim the payment", id, None, || async {
+                    let mut c = db::conn(&me.pool).await?;
+                    Ok(payments_db::claim(&mut c, id, token, me.lease).await?)
+                })
+                .await?;
+            match claimed {
+                Some(claimed) => me.call_guarded(claimed, token, permit).await.map(Some),
+                None => Ok(None),
+            }
+        });
+        match task.await {
+            Ok(result) => result,
+            Err(e) => Err(Failure::Db(anyhow::anyhow!("the gateway call failed: {e}"))),
         }
     }
 
@@ -218,38 +238,49 @@ impl Processor {
     /// Runs the gateway call of a claimed payment in a task of its own, which owns the claim
     /// from here on: dropping the returned future (a lost broker connection, the shutdown
     /// deadline) does not stop the call or the recording of its outcome.
+    /// [`Processor::call_guarded`] in a task of its own (see [`Processor::claim_and_call`]).
     async fn call_detached(
         self: &Arc<Self>,
         claimed: Claimed,
         token: Uuid,
         permit: Permit,
     ) -> Result<Step, Failure> {
-        let (id, checks) = (claimed.payment.id, claimed.gateway_checks);
         let me = self.clone();
-        let task = self.calls.spawn(async move {
-            let call = AssertUnwindSafe(me.clone().call_and_record(claimed, token, permit));
-            let failure = match call.catch_unwind().await {
-                Ok(Err(Failure::LostClaim)) => return Err(Failure::LostClaim),
-                Ok(result) => match result {
-                    Ok(step) => return Ok(step),
-                    Err(e) => e,
-                },
-                Err(panic) => Failure::Db(anyhow::anyhow!(
-                    "the gateway call panicked: {}",
-                    panic_message(panic.as_ref())
-                )),
-            };
-            // Whatever the provider did is not on record: treat it as unknown (ask before
-            // charging again, later) and give the claim up so a retry need not wait for it.
-            let reason = failure.to_string();
-            log::error!("payment {id}: {reason}");
-            let _ = me.record_unknown(id, token, &reason, checks).await;
-            Err(failure)
-        });
+        let task = self
+            .calls
+            .spawn(async move { me.call_guarded(claimed, token, permit).await });
         match task.await {
             Ok(result) => result,
             Err(e) => Err(Failure::Db(anyhow::anyhow!("the gateway call failed: {e}"))),
         }
+    }
+
+    /// [`Processor::call_and_record`], and if it fails or panics, the payment is left as an
+    /// unknown outcome: whatever the provider did is not on record, so it is asked about before
+    /// any new charge, and the claim is given up so a retry need not wait for it.
+    async fn call_guarded(
+        self: Arc<Self>,
+        claimed: Claimed,
+        token: Uuid,
+        permit: Permit,
+    ) -> Result<Step, Failure> {
+        let (id, checks) = (claimed.payment.id, claimed.gateway_checks);
+        let call = AssertUnwindSafe(self.clone().call_and_record(claimed, token, permit));
+        let failure = match call.catch_unwind().await {
+            Ok(Err(Failure::LostClaim)) => return Err(Failure::LostClaim),
+            Ok(result) => match result {
+                Ok(step) => return Ok(step),
+                Err(e) => e,
+            },
+            Err(panic) => Failure::Db(anyhow::anyhow!(
+                "the gateway call panicked: {}",
+                panic_message(panic.as_ref())
+            )),
+        };
+        let reason = failure.to_string();
+        log::error!("payment {id}: {reason}");
+        let _ = self.record_unknown(id, token, &reason, checks).await;
+        Err(failure)
     }
 
     async fn call_and_record(

@@ -88,23 +88,23 @@ impl Pause {
 
     /// Records what a call answered: `Some(reason)` if the provider refused our configuration.
     pub fn answered(&self, mut permit: Permit, refused: Option<&str>) {
-        permit.probe = false;
         let mut s = self.lock();
+        let probe = std::mem::replace(&mut permit.probe, false);
         match refused {
-            Some(reason) => {
+            // The first refusal, or a failed probe: pause (again), longer each time. Calls that
+            // were already under way when the pause began change nothing.
+            Some(reason) if !s.paused || probe => {
                 let wait = backoff(s.strikes, MAX_BACKOFF);
                 s.strikes = s.strikes.saturating_add(1);
-                // One line per probe, not one per waiting payment.
-                if !s.paused || s.probing {
-                    log::error!(
-                        "payment gateway refuses our configuration: {reason}; no payment fails \
-                         because of it: gateway calls are paused, next try in {wait:?} (check \
-                         gateway.url and gateway.api_key)"
-                    );
-                }
+                log::error!(
+                    "payment gateway refuses our configuration: {reason}; no payment fails \
+                     because of it: gateway calls are paused, next try in {wait:?} (check \
+                     gateway.url and gateway.api_key)"
+                );
                 s.paused = true;
                 s.until = Some(Instant::now() + wait);
             }
+            Some(_) => {}
             None if s.paused => {
                 log::info!("payment gateway accepts our configuration again: calls resume");
                 *s = State::default();

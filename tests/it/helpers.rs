@@ -70,6 +70,30 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// The text column `t` of every row of a query.
+    pub fn texts(&self, sql: &str) -> Vec<String> {
+        #[derive(diesel::QueryableByName)]
+        struct T {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            t: String,
+        }
+        let url = self.url.clone();
+        let sql = sql.to_string();
+        std::thread::spawn(move || {
+            let mut c = <SyncPg as diesel::Connection>::establish(&url).unwrap();
+            diesel::sql_query(sql)
+                .load::<T>(&mut c)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.t)
+                .collect()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();

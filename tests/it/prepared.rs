@@ -60,7 +60,9 @@ async fn run_hot_statements(c: &mut AsyncPgConnection, round: u32) {
             .await
             .unwrap()
     );
-    let due = payments::claim_due_checks(c, token, lease, 10).await.unwrap();
+    let due = payments::claim_due_checks(c, token, lease, 10)
+        .await
+        .unwrap();
     assert_eq!(due.len(), 1, "the unknown outcome is due at once");
     assert_eq!(due[0].prior_gateway_state.as_deref(), Some("unknown"));
     payments::pending_health(c, lease).await.unwrap();

@@ -55,13 +55,14 @@ impl Script {
 /// A charge the provider executed.
 #[derive(Debug, Clone)]
 pub struct Charge {
-    pub key: String,
     pub succeeded: bool,
     pub charge_id: String,
-    pub executed_at: Instant,
     /// `Processing`: completes at this instant.
     pub completes_at: Option<Instant>,
 }
+
+/// A request the provider saw: method, path, Idempotency-Key, Authorization, JSON body.
+pub type Seen = (String, String, Option<String>, Option<String>, Value);
 
 #[derive(Default)]
 struct State {
@@ -72,8 +73,11 @@ struct State {
     executions_by_key: HashMap<String, u32>,
     /// Keys whose POST is being answered right now.
     in_progress: HashSet<String>,
+    /// Keys POSTed at least once: a script applies to the first POST of a key only (a retry
+    /// after "not found" is charged normally).
+    attempted: HashSet<String>,
     /// Every request seen: (method, path, idempotency key, authorization, body).
-    requests: Vec<(String, String, Option<String>, Option<String>, Value)>,
+    requests: Vec<Seen>,
     default_script: Option<Script>,
     /// Answer every request with 401 while set (a rotated key).
     refuse_all: bool,
@@ -81,11 +85,11 @@ struct State {
     latency: (Duration, Duration),
 }
 
+/// Stops with the test's runtime.
 #[derive(Clone)]
 pub struct Psp {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    handle: actix_web::dev::ServerHandle,
 }
 
 impl Psp {
@@ -113,13 +117,8 @@ impl Psp {
         .listen(listener)
         .unwrap()
         .run();
-        let handle = server.handle();
         tokio::spawn(server);
-        Psp {
-            addr,
-            state,
-            handle,
-        }
+        Psp { addr, state }
     }
 
     pub fn url(&self) -> String {
@@ -168,18 +167,8 @@ impl Psp {
         self.state.lock().unwrap().in_progress.len()
     }
 
-    pub fn requests(&self) -> Vec<(String, String, Option<String>, Option<String>, Value)> {
+    pub fn requests(&self) -> Vec<Seen> {
         self.state.lock().unwrap().requests.clone()
-    }
-
-    /// Charges a payment directly, as a request from an earlier consumer would have.
-    pub fn record_charge(&self, payment_id: &str, succeeded: bool) {
-        let mut s = self.state.lock().unwrap();
-        execute(&mut s, payment_id, payment_id, succeeded, None);
-    }
-
-    pub async fn stop(&self) {
-        self.handle.stop(false).await;
     }
 }
 
@@ -202,10 +191,8 @@ fn execute(
         .or_default() += 1;
     *s.executions_by_key.entry(key.to_string()).or_default() += 1;
     let charge = Charge {
-        key: key.to_string(),
         succeeded,
         charge_id: format!("ch_{}", uuid::Uuid::new_v4().simple()),
-        executed_at: Instant::now(),
         completes_at,
     };
     s.charges.insert(payment_id.to_string(), charge.clone());
@@ -275,16 +262,26 @@ async fn charge(
             // The same key again: the recorded answer, no second charge.
             (wait, answer(&c), None)
         } else {
+            let first = s.attempted.insert(payment_id.clone());
             let script = json["metadata"]["psp"]
                 .as_str()
                 .and_then(Script::from_name)
                 .or(s.default_script)
+                .filter(|_| first)
                 .unwrap_or(Script::Succeed);
             s.in_progress.insert(payment_id.clone());
             let release = Some(payment_id.clone());
             match script {
-                Script::Succeed => (wait, answer(&execute(&mut s, &payment_id, &payment_id, true, None)), release),
-                Script::Decline => (wait, answer(&execute(&mut s, &payment_id, &payment_id, false, None)), release),
+                Script::Succeed => (
+                    wait,
+                    answer(&execute(&mut s, &payment_id, &payment_id, true, None)),
+                    release,
+                ),
+                Script::Decline => (
+                    wait,
+                    answer(&execute(&mut s, &payment_id, &payment_id, false, None)),
+                    release,
+                ),
                 Script::Reject => (
                     wait,
                     HttpResponse::UnprocessableEntity()

@@ -219,25 +219,22 @@ def referenced_metrics(expr, documented):
     return names
 
 
-def static_checks(bin_path, documented):
-    log("promtool check config / check rules / test rules")
-    print(run(["promtool", "check", "config", PROM_DIR / "prometheus.yml"]).rstrip())
-    print(run(["promtool", "check", "rules", PROM_DIR / "alerts.yml"]).rstrip())
-    print(run(["promtool", "test", "rules", PROM_DIR / "alerts.test.yml"]).rstrip())
+def datasources():
+    return [d for f in sorted((GRAFANA_DIR / "provisioning" / "datasources").glob("*.yml"))
+            for d in yaml.safe_load(f.read_text())["datasources"]]
 
-    rules = alert_rules()
-    tests = yaml.safe_load((PROM_DIR / "alerts.test.yml").read_text())["tests"]
+
+def check_alert_rules(bin_path):
+    """Every alert: summary and runbook, a unit test that fires it and one that expects it
+    silent; every `async-pay …` command a runbook names is one the binary accepts."""
     fires, silent = set(), set()
-    for t in tests:
+    for t in yaml.safe_load((PROM_DIR / "alerts.test.yml").read_text())["tests"]:
         for case in t.get("alert_rule_test", []):
             (fires if case.get("exp_alerts") else silent).add(case["alertname"])
-    problems = []
-    commands = set()
-    for r in rules:
-        name = r.get("alert")
-        if not name:
-            continue
-        ann = r.get("annotations", {})
+    problems, commands = [], set()
+    alerts = [r for r in alert_rules() if "alert" in r]
+    for r in alerts:
+        name, ann = r["alert"], r.get("annotations", {})
         for key in ("summary", "runbook"):
             if not ann.get(key, "").strip():
                 problems.append(f"{name} has no {key} annotation")
@@ -249,24 +246,24 @@ def static_checks(bin_path, documented):
     for cmd in sorted(commands):
         # Placeholders (`dlq replay ID`) are the reader's to fill in.
         words = [w for w in cmd.split() if not w.isupper()]
-        if words[0] in PENDING_COMMANDS:
-            r = subprocess.run([bin_path, words[0], "--help"], capture_output=True)
-            if r.returncode != 0:
-                log(f"note: a runbook names `async-pay {cmd}`, not in this binary yet (issue 10)")
-                continue
+        if words[0] in PENDING_COMMANDS and subprocess.run(
+                [bin_path, words[0], "--help"], capture_output=True).returncode != 0:
+            log(f"note: a runbook names `async-pay {cmd}`, not in this binary yet (issue 10)")
+            continue
         r = subprocess.run([bin_path, *words, "--help"], capture_output=True, text=True)
         if r.returncode != 0:
             problems.append(f"a runbook names `async-pay {cmd}`, which the binary refuses: "
                             f"{r.stderr.strip()}")
-    log(f"{len([r for r in rules if 'alert' in r])} alerts: each with summary, runbook, a firing "
-        f"and a silent unit test; runbook commands exist: {', '.join(sorted(commands))}")
+    log(f"{len(alerts)} alerts, each with summary, runbook, a firing and a silent unit test; "
+        f"runbook commands: {', '.join(sorted(commands))}")
+    return problems
 
-    # Grafana: the provisioned datasource is the one every panel asks.
-    sources = [d for f in (GRAFANA_DIR / "provisioning" / "datasources").glob("*.yml")
-               for d in yaml.safe_load(f.read_text())["datasources"]]
-    uids = {d["uid"] for d in sources}
+
+def check_dashboards():
+    """Every panel and query asks a provisioned datasource; panel ids are unique."""
+    uids = {d["uid"] for d in datasources()}
+    problems = []
     for f in sorted((GRAFANA_DIR / "dashboards").glob("*.json")):
-        dash = json.loads(f.read_text())
         ids = []
 
         def walk(panels):
@@ -280,41 +277,56 @@ def static_checks(bin_path, documented):
                         problems.append(f"{f.name}: panel {p['title']!r} uses datasource {ds}, "
                                         f"not one of the provisioned {sorted(uids)}")
 
-        walk(dash["panels"])
+        walk(json.loads(f.read_text())["panels"])
         if len(ids) != len(set(ids)):
             problems.append(f"{f.name}: panel ids repeat")
+    return problems
 
-    # compose.yaml puts the files where the provisioning and the server look for them.
+
+def check_compose_mounts():
+    """compose.yaml mounts the files where Prometheus and Grafana's provisioning look for them,
+    and the datasource names the Prometheus service."""
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
     providers = yaml.safe_load(
         (GRAFANA_DIR / "provisioning" / "dashboards" / "async-pay.yml").read_text())["providers"]
-
-    def mounts(service):
-        return {v.split(":")[1]: v.split(":")[0] for v in compose[service].get("volumes", [])}
-
     expected = {
         "prometheus": {"/etc/prometheus": "./deploy/prometheus"},
         "grafana": {"/etc/grafana/provisioning": "./deploy/grafana/provisioning",
                     providers[0]["options"]["path"]: "./deploy/grafana/dashboards"},
     }
+    problems = []
     for service, want in expected.items():
-        have = mounts(service)
+        have = {v.split(":")[1]: v.split(":")[0] for v in compose[service].get("volumes", [])}
         for target, source in want.items():
             if have.get(target) != source:
                 problems.append(f"compose.yaml: {service} should mount {source} at {target}")
-    host = urllib.parse.urlparse(sources[0]["url"]).hostname
-    if host not in compose:
-        problems.append(f"the Grafana datasource points at {host}, not a compose service")
+    for d in datasources():
+        host = urllib.parse.urlparse(d["url"]).hostname
+        if host not in compose:
+            problems.append(f"Grafana datasource {d['name']} points at {host}, no compose service")
+    return problems
 
-    # Every metric an expression names is documented (or pending).
-    for where, expr in [(f"rule {r.get('alert')}", r["expr"]) for r in rules] + \
+
+def check_metric_references(documented):
+    """Every metric a rule or a panel names is in README's table (or pending, issue 10)."""
+    problems = []
+    for where, expr in [(f"rule {r.get('alert')}", r["expr"]) for r in alert_rules()] + \
                        [(f"panel {t!r}", e) for t, e in dashboard_targets()]:
         for name in referenced_metrics(expr, documented) - set(documented) - PENDING_METRICS:
             problems.append(f"{where} uses {name}, which README's Metrics table does not list")
-    pending_documented = PENDING_METRICS & set(documented)
-    if pending_documented:
+    if PENDING_METRICS & set(documented):
         log(f"note: now documented, so checked in full; remove from PENDING_METRICS: "
-            f"{sorted(pending_documented)}")
+            f"{sorted(PENDING_METRICS & set(documented))}")
+    return problems
+
+
+def static_checks(bin_path, documented):
+    log("promtool check config / check rules / test rules")
+    print(run(["promtool", "check", "config", PROM_DIR / "prometheus.yml"]).rstrip())
+    print(run(["promtool", "check", "rules", PROM_DIR / "alerts.yml"]).rstrip())
+    print(run(["promtool", "test", "rules", PROM_DIR / "alerts.test.yml"]).rstrip())
+    problems = (check_alert_rules(bin_path) + check_dashboards() + check_compose_mounts()
+                + check_metric_references(documented))
     if problems:
         fail("static checks:\n  " + "\n  ".join(problems))
 

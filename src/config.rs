@@ -72,11 +72,34 @@ pub struct ConsumeSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySettings {
+    pub kind: GatewayKind,
+    #[serde(with = "duration_str")]
+    pub timeout: Duration,
+    #[serde(with = "duration_str")]
+    pub recheck_min: Duration,
+    #[serde(with = "duration_str")]
+    pub recheck_max: Duration,
+    #[serde(with = "duration_str")]
+    pub reconcile_interval: Duration,
+    #[serde(with = "duration_str")]
+    pub stuck_after: Duration,
     #[serde(with = "duration_str")]
     pub min_delay: Duration,
     #[serde(with = "duration_str")]
     pub max_delay: Duration,
     pub success_rate: f64,
+    pub url: String,
+    pub api_key: Secret,
+}
+
+/// Which payment gateway `consume` and `reconcile` talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GatewayKind {
+    /// The original service's in-process simulation.
+    Simulated,
+    /// A real provider through the HTTP contract (README.md).
+    Http,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -318,7 +341,10 @@ impl Settings {
                 let path = e.path().to_string();
                 // serde quotes the offending value; for settings that hold secrets, it must not
                 // reach a log or a terminal.
-                let why = if path.starts_with("merchants") || path.ends_with("url") {
+                let why = if path.starts_with("merchants")
+                    || path.ends_with("url")
+                    || path.ends_with("api_key")
+                {
                     without_quoted(&e.inner().to_string())
                 } else {
                     e.inner().to_string()
@@ -354,6 +380,7 @@ impl Settings {
         if !(0.0..=1.0).contains(&self.gateway.success_rate) {
             bail!("invalid configuration at `gateway.success_rate`: must be between 0 and 1");
         }
+        self.validate_gateway()?;
         if self.webhook.concurrency == 0 {
             bail!("invalid configuration at `webhook.concurrency`: must be at least 1");
         }
@@ -394,6 +421,46 @@ impl Settings {
                     "invalid configuration at `{at}.webhook_secret`: entries of merchant {:?} must share their webhook secrets",
                     m.name
                 );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    fn validate_gateway(&self) -> anyhow::Result<()> {
+        let g = &self.gateway;
+        if g.timeout.is_zero() {
+            bail!("invalid configuration at `gateway.timeout`: must be more than 0");
+        }
+        if g.recheck_min.is_zero() || g.recheck_min > g.recheck_max {
+            bail!(
+                "invalid configuration at `gateway.recheck_min`: must be more than 0 and at most gateway.recheck_max"
+            );
+        }
+        if g.reconcile_interval.is_zero() {
+            bail!("invalid configuration at `gateway.reconcile_interval`: must be more than 0");
+        }
+        match g.kind {
+            // A simulated call longer than the timeout would be unknown every time.
+            GatewayKind::Simulated if g.max_delay >= g.timeout => bail!(
+                "invalid configuration at `gateway.max_delay`: must be less than gateway.timeout ({})",
+                humantime::format_duration(g.timeout)
+            ),
+            GatewayKind::Simulated => {}
+            GatewayKind::Http => {
+                let ok = url::Url::parse(g.url.trim())
+                    .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+                if !ok {
+                    bail!(
+                        "invalid configuration at `gateway.url`: gateway.kind = \"http\" needs the provider's base URL, e.g. \"https://psp.example.com\""
+                    );
+                }
+                if g.api_key.expose().trim().is_empty() {
+                    bail!(
+                        "invalid configuration at `gateway.api_key`: gateway.kind = \"http\" needs the provider's API key (ASYNC_PAY__GATEWAY__API_KEY)"
+                    );
+                }
             }
         }
         Ok(())

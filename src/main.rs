@@ -41,8 +41,12 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Process payment events through the gateway and send webhooks.
+    /// Process payment events through the gateway, reconcile unknown outcomes, send webhooks.
     Consume,
+    /// Ask the payment provider about every payment whose outcome is unknown, once, and exit
+    /// (for cron; `consume` does the same continuously). Exits non-zero when the database is
+    /// unreachable or the provider refuses our configuration.
+    Reconcile,
     /// Record every dead-lettered message in the dead_letters table.
     DlqWatch,
     /// Apply pending database migrations and exit.
@@ -135,6 +139,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     roles::consume::run(settings, Shutdown::on_signal()),
                 )
                 .await
+            }
+            Command::Reconcile => {
+                println!(
+                    "{}",
+                    roles::reconcile::run(&settings, Shutdown::on_signal()).await?
+                );
+                Ok(())
             }
             Command::DlqWatch => {
                 let exporter = metrics::serve(&settings.metrics.bind, None)?;

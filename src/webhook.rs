@@ -98,6 +98,9 @@ pub fn payload(p: &Payment) -> serde_json::Value {
         "amount": domain::format_amount(p.amount),
         "currency": p.currency,
         "metadata": p.metadata,
+        "charge_id": p.charge_id,
+        "failure_code": p.failure_code,
+        "failure_message": p.failure_message,
     })
 }
 

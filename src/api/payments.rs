@@ -410,6 +410,14 @@ pub struct PaymentOut {
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
     pub processed_at: Option<OffsetDateTime>,
+    /// The payment provider's reference of the charge, once final (`null` before).
+    pub charge_id: Option<String>,
+    /// Why a `failed` payment failed: the provider's decline code (`card_declined`,
+    /// `insufficient_funds`, …, or `gateway_rejected` when the provider refused the request
+    /// itself); `null` otherwise.
+    pub failure_code: Option<String>,
+    /// The provider's human-readable reason for `failure_code`; `null` otherwise.
+    pub failure_message: Option<String>,
     pub webhook: WebhookOut,
 }
 
@@ -473,6 +481,9 @@ impl PaymentOut {
             webhook_url: p.webhook_url,
             created_at: p.created_at,
             processed_at: p.processed_at,
+            charge_id: p.charge_id,
+            failure_code: p.failure_code,
+            failure_message: p.failure_message,
             webhook: WebhookOut {
                 status: "none".into(),
                 attempts: 0,

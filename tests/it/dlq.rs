@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_pay::db::dead_letters;
-use async_pay::db::payments::Payment;
-use async_pay::domain::PaymentStatus;
-use async_pay::gateway::{Gateway, GatewayError};
+use async_pay::gateway::{Answer, ChargeRequest, Gateway};
 use async_pay::roles::dlq::{self, Replay};
 use async_trait::async_trait;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
@@ -19,21 +17,33 @@ use crate::metrics::value;
 use crate::pipeline::{CountingGateway, Roles, fast};
 use crate::receiver::Receiver;
 
-/// Fails every charge while `failing` is set, then approves.
+/// A gateway client with a bug: every call panics while `failing` is set; then it approves.
+/// (An unknown answer is not a failure: it is reconciled, never dead-lettered.)
 struct SwitchGateway {
     failing: AtomicBool,
     calls: AtomicUsize,
 }
 
-#[async_trait]
-impl Gateway for SwitchGateway {
-    async fn charge(&self, _p: &Payment) -> Result<PaymentStatus, GatewayError> {
+impl SwitchGateway {
+    fn call(&self) {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.failing.load(Ordering::SeqCst) {
-            Err(GatewayError("provider answered 502".into()))
-        } else {
-            Ok(PaymentStatus::Succeeded)
+            panic!("the gateway client has a bug");
         }
+    }
+}
+
+#[async_trait]
+impl Gateway for SwitchGateway {
+    async fn charge(&self, _r: &ChargeRequest) -> Answer {
+        self.call();
+        Answer::Succeeded {
+            charge_id: "ch_switch".into(),
+        }
+    }
+    async fn status(&self, _id: uuid::Uuid) -> Answer {
+        self.call();
+        Answer::NotFound
     }
 }
 
@@ -44,7 +54,10 @@ async fn connect(url: &str) -> AsyncPgConnection {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_letter_is_listed_replayed_and_its_payment_finalised() {
     let db = TestDb::new().await;
-    let (s, _broker) = fast(&db);
+    let (mut s, _broker) = fast(&db);
+    // The reconciliation sweep would settle the payment by itself; here the replay must.
+    s.gateway.recheck_min = Duration::from_secs(3600);
+    s.gateway.recheck_max = Duration::from_secs(3600);
     let app = TestApp::spawn_with(db, s.clone());
     let gateway = Arc::new(SwitchGateway {
         failing: AtomicBool::new(true),

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_pay::gateway::SimulatedGateway;
-use async_pay::roles::consume::{Disposition, Handled, Processor};
+use async_pay::gateway::simulated::SimulatedGateway;
+use async_pay::processing::{Outcome, Processor};
+use async_pay::roles::consume::{Disposition, Handled, handle_one};
 use async_pay::roles::relay;
 use async_pay::shutdown::Shutdown;
 use serde_json::json;
@@ -178,8 +179,8 @@ async fn a_webhook_due_when_the_process_stopped_is_delivered_after_restart() {
     );
     let body = json!({"payment_id": id}).to_string();
     assert!(matches!(
-        p.handle_one(body.as_bytes(), 0).await,
-        Disposition::Ack(Handled::Finalised(..))
+        handle_one(&p, body.as_bytes(), 0, s.amqp.delivery_limit).await,
+        Disposition::Ack(Handled::Processed(Outcome::Finalised(..)))
     ));
     drop(p);
     assert_eq!(

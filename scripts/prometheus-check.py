@@ -54,16 +54,18 @@ ROLES = ("serve", "relay", "consume", "dlq-watch")
 API_KEY = "secret-api-key"  # the built-in demo merchant
 PAYMENTS = 6
 
-# Issue 10 (the gateway boundary) adds these metrics and the `reconcile` subcommand; the dashboard
-# and the rules use them already. Until README's Metrics table documents a metric it may have no
-# series here; once documented it is checked like every other one (then delete it from this list).
+# Metrics of issue 10 (the gateway boundary) that the dashboard and the rules use but README's
+# Metrics table does not list yet: they may be named, and their series are only reported. Once
+# documented a metric is checked like every other one (then delete it here).
 PENDING_METRICS = {
     "async_pay_gateway_calls_total",
     "async_pay_gateway_call_duration_seconds",
+    "async_pay_gateway_paused",
     "async_pay_payments_unknown_outcome",
     "async_pay_payments_stuck",
     "async_pay_reconcile_passes_total",
 }
+# Subcommands a runbook may name before the binary has them.
 PENDING_COMMANDS = {"reconcile"}
 
 # What the short run must have left in Prometheus, beyond "a series exists": the counts of the
@@ -605,6 +607,12 @@ def check_series(r, prom, documented):
                all_there, 20)
     log(f"all {len(documented)} metrics of README's table have series; "
         + "; ".join(what for _, what in PIPELINE_FACTS) + ": counted")
+    pending = sorted(PENDING_METRICS - set(documented))
+    if pending:
+        have = {n for n in pending if prom.query(
+            f'count({{__name__=~"{n}|{n}_bucket"}})')}
+        log("not in README's table yet: " + ", ".join(
+            f"{n} ({'has series' if n in have else 'NO SERIES'})" for n in pending))
 
 
 def check_expressions(prom):

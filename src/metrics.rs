@@ -280,6 +280,14 @@ impl Metrics {
         for result in ["ok", "error"] {
             m.reconcile_passes.with_label_values(&[result]);
         }
+        // A dead letter is rare: the first one after a start must be an increase from 0, or
+        // `increase()` (and so the dead-letter alert) never sees it.
+        for reason in DEAD_LETTER_REASONS
+            .iter()
+            .chain(&[OTHER_DEAD_LETTER_REASON])
+        {
+            m.dead_letters.with_label_values(&[reason]);
+        }
         m
     }
 
@@ -420,12 +428,20 @@ pub fn reconcile_pass(ok: bool) {
         .inc();
 }
 
+/// The `reason` label values of dead letters: RabbitMQ's `x-death` reasons, and `unknown` for a
+/// message without that header.
+const DEAD_LETTER_REASONS: &[&str] =
+    &["rejected", "expired", "maxlen", "delivery_limit", "unknown"];
+/// The label of any other reason (a hand-made `x-death` header): the label set stays bounded.
+const OTHER_DEAD_LETTER_REASON: &str = "other";
+
 /// A dead letter recorded for the first time. RabbitMQ's reasons are a small fixed set; anything
 /// else (a hand-made `x-death` header) is counted as `other`.
 pub fn dead_letter(reason: &str) {
-    let reason = match reason {
-        "rejected" | "expired" | "maxlen" | "delivery_limit" | "unknown" => reason,
-        _ => "other",
+    let reason = if DEAD_LETTER_REASONS.contains(&reason) {
+        reason
+    } else {
+        OTHER_DEAD_LETTER_REASON
     };
     get().dead_letters.with_label_values(&[reason]).inc();
 }
@@ -599,6 +615,22 @@ mod tests {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
         assert!(!get().render(false).contains("async_pay_outbox_unpublished"));
+    }
+
+    #[test]
+    fn dead_letter_counters_start_at_zero_for_every_reason() {
+        let text = get().render(false);
+        for reason in [
+            "rejected",
+            "expired",
+            "maxlen",
+            "delivery_limit",
+            "unknown",
+            "other",
+        ] {
+            let series = format!(r#"async_pay_dead_letters_total{{reason="{reason}"}} 0"#);
+            assert!(text.contains(&series), "{series} missing");
+        }
     }
 
     #[test]

@@ -114,6 +114,7 @@ pub struct WebhookSettings {
     #[serde(with = "duration_str")]
     pub poll_interval: Duration,
     pub allow_private_targets: bool,
+    pub allowed_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -386,6 +387,11 @@ impl Settings {
         }
         if self.webhook.per_host_concurrency == 0 {
             bail!("invalid configuration at `webhook.per_host_concurrency`: must be at least 1");
+        }
+        if self.webhook.allowed_ports.is_empty() || self.webhook.allowed_ports.contains(&0) {
+            bail!(
+                "invalid configuration at `webhook.allowed_ports`: list at least one port, none of them 0"
+            );
         }
         if self.merchants.is_empty() {
             bail!("invalid configuration at `merchants`: at least one merchant is needed");

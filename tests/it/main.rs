@@ -21,4 +21,5 @@ mod proxy;
 mod receiver;
 mod schema;
 mod stack;
+mod startup;
 mod webhooks;

@@ -1,10 +1,11 @@
 //! `async-pay serve`: the HTTP API.
 //!
 //! Refuses to start when a merchant uses the API key published in config.example.toml (the demo
-//! merchant) and `server.bind` is not a loopback address. Applies pending migrations, then
+//! merchant) and `server.bind` is not a loopback address. Applies pending migrations to the
+//! existing database (a missing one is an error: only `async-pay migrate` creates it), then
 //! answers requests until SIGTERM/SIGINT, after which in-flight requests get
-//! `server.shutdown_timeout` to finish. It never talks to RabbitMQ: a payment and
-//! its event are committed together and the relay moves the event. While the database is down,
+//! `server.shutdown_timeout` to finish. It never talks to RabbitMQ: a payment and its event are
+//! committed together and the relay moves the event. While the database is down,
 //! requests answer 503 after at most `database.acquire_timeout` + `database.query_timeout`, and
 //! the pool reconnects by itself when the database is back. `GET /metrics` serves the Prometheus
 //! metrics of this process ([`crate::metrics`]).
@@ -126,7 +127,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // First, so that a server that must not start touches nothing.
     let listener = bind(&settings)?;
     let url = settings.database.url.expose();
-    let applied = db::migrate(url)
+    // Never creates the database (only `async-pay migrate` does): a typo in the URL must fail
+    // loudly instead of taking payments into a new, empty database.
+    let applied = db::migrate_existing(url)
         .await
         .with_context(|| format!("cannot prepare the database at {}", redact_url(url)))?;
     for m in &applied {

@@ -109,3 +109,70 @@ async fn serve_accepts_the_demo_key_on_loopback_and_own_merchants_anywhere() {
     assert_eq!(post(port, DEMO_KEY, "demo-2").await.status, 401);
     child.kill().await.unwrap();
 }
+
+/// Whether the server has a database of this name (asked through the maintenance database).
+fn database_exists(name: &str) -> bool {
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    type SyncPg = diesel_async::async_connection_wrapper::AsyncConnectionWrapper<
+        diesel_async::AsyncPgConnection,
+    >;
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        use diesel::RunQueryDsl;
+        let mut c = <SyncPg as diesel::Connection>::establish(&admin_url()).unwrap();
+        diesel::sql_query("SELECT count(*) AS n FROM pg_database WHERE datname = $1")
+            .bind::<diesel::sql_types::Text, _>(name)
+            .get_result::<N>(&mut c)
+            .unwrap()
+            .n
+            == 1
+    })
+    .join()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_does_not_create_a_missing_database_migrate_does() {
+    let name = format!("ap_test_{}", uuid::Uuid::new_v4().simple());
+    // Dropped at the end, also if a broken serve created it.
+    let guard = TestDb {
+        name: name.clone(),
+        url: url_for(&name),
+    };
+    let mut url = url::Url::parse(&guard.url).unwrap();
+    url.set_password(Some("hunter2")).unwrap();
+    let url = url.to_string();
+
+    let (ok, err) = must_exit(serve(&url, "127.0.0.1:0")).await;
+    assert!(!ok, "{err}");
+    let missing = format!("database \"{name}\" does not exist");
+    for needed in [missing.as_str(), ":***@", "run `async-pay migrate`"] {
+        assert!(err.contains(needed), "missing {needed:?} in: {err}");
+    }
+    assert!(!err.contains("hunter2"), "the password is redacted: {err}");
+    assert!(!database_exists(&name), "serve created the database");
+
+    // What the message says to do works: `migrate` creates it, then serve starts.
+    let migrate = tokio::process::Command::new(env!("CARGO_BIN_EXE_async-pay"))
+        .arg("migrate")
+        .env_remove("ASYNC_PAY_CONFIG")
+        .env("DATABASE_URL", &url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        migrate.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrate.stderr)
+    );
+    assert!(database_exists(&name));
+    let port = free_port();
+    let mut child = serve(&url, &format!("127.0.0.1:{port}")).spawn().unwrap();
+    healthy(port).await;
+    child.kill().await.unwrap();
+    drop(guard);
+}

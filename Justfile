@@ -6,8 +6,9 @@ export CARGO_PROFILE_DEV_DEBUG := "line-tables-only"
 default:
     @just --list
 
-# Run the HTTP API against the local services (creates and migrates the database).
+# Run the HTTP API against the local services (`migrate` first: only it creates the database).
 serve *ARGS:
+    cargo run --release -- migrate {{ARGS}}
     cargo run --release -- serve {{ARGS}}
 
 # Apply the database migrations.

@@ -25,6 +25,11 @@ if ! command -v docker-compose >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
 fi
 docker-compose --version
+# compose.yaml requires the merchants: without them it must refuse, with them it must be valid.
+if env -u ASYNC_PAY__MERCHANTS docker-compose -f compose.yaml config -q 2>/dev/null; then
+  fail "compose.yaml accepts a stack without ASYNC_PAY__MERCHANTS (the demo key is public)"
+fi
+export ASYNC_PAY__MERCHANTS='[{name = "check", api_key = "check-only-key", webhook_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}]'
 docker-compose -f compose.yaml config -q
 docker-compose -f compose.yaml --profile cron config -q
 docker-compose -f compose.yaml --profile observability config -q

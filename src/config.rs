@@ -114,6 +114,7 @@ pub struct WebhookSettings {
     #[serde(with = "duration_str")]
     pub poll_interval: Duration,
     pub allow_private_targets: bool,
+    pub allowed_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -387,6 +388,11 @@ impl Settings {
         if self.webhook.per_host_concurrency == 0 {
             bail!("invalid configuration at `webhook.per_host_concurrency`: must be at least 1");
         }
+        if self.webhook.allowed_ports.is_empty() || self.webhook.allowed_ports.contains(&0) {
+            bail!(
+                "invalid configuration at `webhook.allowed_ports`: list at least one port, none of them 0"
+            );
+        }
         if self.merchants.is_empty() {
             bail!("invalid configuration at `merchants`: at least one merchant is needed");
         }
@@ -464,6 +470,23 @@ impl Settings {
             }
         }
         Ok(())
+    }
+
+    /// Names of the merchants whose API key is one that the built-in `config.example.toml`
+    /// publishes (the demo merchant): anyone who read it or the README knows that key.
+    pub fn merchants_with_published_keys(&self) -> Vec<&str> {
+        let published: Vec<String> = toml::from_str::<toml::Table>(DEFAULT_TOML)
+            .ok()
+            .and_then(|t| t.get("merchants")?.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|m| Some(m.get("api_key")?.as_str()?.to_string()))
+            .collect();
+        self.merchants
+            .iter()
+            .filter(|m| published.iter().any(|k| k == m.api_key.expose()))
+            .map(|m| m.name.as_str())
+            .collect()
     }
 }
 
@@ -747,6 +770,26 @@ mod tests {
         assert!(two("k1", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
         assert!(two("k2", "whsec_5FXVJnDsZtZr1/Khk2JT33r5q9dF2GBAPID525tBOoU=").is_err());
         assert!(two("k2", "not-a-secret").is_err());
+    }
+
+    #[test]
+    fn the_demo_merchant_is_known_by_its_published_key() {
+        assert_eq!(
+            load_env(&[]).unwrap().merchants_with_published_keys(),
+            ["demo"]
+        );
+        let own = load_env(&[(
+            "ASYNC_PAY__MERCHANTS",
+            r#"[{name = "demo", api_key = "k-9f2c", webhook_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}]"#,
+        )])
+        .unwrap();
+        assert!(own.merchants_with_published_keys().is_empty());
+        let copied = load_env(&[(
+            "ASYNC_PAY__MERCHANTS",
+            r#"[{name = "shop", api_key = "secret-api-key", webhook_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}]"#,
+        )])
+        .unwrap();
+        assert_eq!(copied.merchants_with_published_keys(), ["shop"]);
     }
 
     #[test]

@@ -32,7 +32,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the HTTP API (applies pending migrations first).
+    /// Run the HTTP API (applies pending migrations first; never creates the database).
     Serve,
     /// Move outbox events to RabbitMQ (wakes on NOTIFY; several relays may run at once).
     Relay {
@@ -49,7 +49,7 @@ enum Command {
     Reconcile,
     /// Record every dead-lettered message in the dead_letters table.
     DlqWatch,
-    /// Apply pending database migrations and exit.
+    /// Create the database if missing, apply pending migrations, and exit.
     Migrate,
     /// List and replay dead letters (the dead_letters table that dlq-watch fills).
     Dlq {

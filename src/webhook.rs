@@ -232,7 +232,7 @@ impl Sender {
             ureq::Agent::with_parts(
                 config,
                 ureq::unversioned::transport::DefaultConnector::default(),
-                crate::ssrf::GuardedResolver::default(),
+                crate::ssrf::GuardedResolver::new(settings.webhook.allowed_ports.clone()),
             )
         };
         Ok(Sender {

@@ -33,6 +33,9 @@ pub struct AppState {
     /// `webhook.allow_private_targets`: when false, webhook URLs pointing inside the network
     /// are refused.
     pub allow_private_targets: bool,
+    /// `webhook.allowed_ports`: the only ports a webhook URL may use (unless private targets are
+    /// allowed).
+    pub webhook_ports: Vec<u16>,
 }
 
 impl AppState {
@@ -43,6 +46,7 @@ impl AppState {
             max_body: settings.server.max_body.0,
             db_deadline: settings.database.acquire_timeout + settings.database.query_timeout,
             allow_private_targets: settings.webhook.allow_private_targets,
+            webhook_ports: settings.webhook.allowed_ports.clone(),
         }
     }
 }

@@ -541,7 +541,7 @@ fn constraint_error(e: &DieselError) -> Option<ApiError> {
         (status = 409, description = "The Idempotency-Key was used with another body", body = ErrorBody),
         (status = 413, description = "Body over server.max_body", body = ErrorBody),
         (status = 415, description = "Content-Type is not JSON", body = ErrorBody),
-        (status = 422, description = "A field breaks a rule; `field` names it", body = ErrorBody),
+        (status = 422, description = "A field breaks a rule; `field` names it. For `webhook_url` also: a port outside `webhook.allowed_ports` (default 80, 443, 8080, 8443), or a host that is or resolves to an address that is not globally reachable (the message names the range and its RFC)", body = ErrorBody),
         (status = 503, description = "Database unavailable; retry", body = ErrorBody),
     ),
     security(("api_key" = []))
@@ -561,7 +561,7 @@ pub async fn create(
     {
         let parsed = url::Url::parse(url)
             .map_err(|_| ApiError::validation("webhook_url", "is not a valid URL"))?;
-        crate::ssrf::check_target(&parsed, SSRF_RESOLVE_TIMEOUT)
+        crate::ssrf::check_target(&parsed, &state.webhook_ports, SSRF_RESOLVE_TIMEOUT)
             .await
             .map_err(|e| ApiError::validation("webhook_url", e.to_string()))?;
     }

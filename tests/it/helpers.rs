@@ -256,6 +256,40 @@ pub async fn request(
     .unwrap()
 }
 
+/// A port free on 127.0.0.1 right now (for a process that binds it itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `url` (a `/health`) answers 200; connection errors while the server starts count
+/// as "not yet".
+pub async fn wait_healthy(url: &str) {
+    eventually(Duration::from_secs(30), "serve to be healthy", || {
+        let url = url.to_string();
+        async move {
+            let ok = tokio::task::spawn_blocking(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(2)))
+                    .build()
+                    .into();
+                agent
+                    .get(&url)
+                    .call()
+                    .is_ok_and(|r| r.status().as_u16() == 200)
+            })
+            .await
+            .unwrap();
+            ok.then_some(())
+        }
+    })
+    .await;
+}
+
 /// Polls `check` until it returns `Some`, or panics after `limit`.
 pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
 where

@@ -23,4 +23,5 @@ mod psp;
 mod receiver;
 mod schema;
 mod stack;
+mod startup;
 mod webhooks;

@@ -73,14 +73,6 @@ pub struct Stack {
     procs: Vec<Proc>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Drop for Stack {
     /// Stops the processes; keeps their logs only when the test failed (and says where).
     fn drop(&mut self) {
@@ -211,28 +203,7 @@ impl Stack {
 
     /// Waits until `serve` answers /health with 200.
     pub async fn wait_healthy(&self) {
-        let url = self.url("/health");
-        eventually(Duration::from_secs(30), "serve to be healthy", || {
-            let url = url.clone();
-            async move {
-                let ok = tokio::task::spawn_blocking(move || {
-                    let agent: ureq::Agent = ureq::Agent::config_builder()
-                        .http_status_as_error(false)
-                        .timeout_global(Some(Duration::from_secs(2)))
-                        .build()
-                        .into();
-                    agent
-                        .get(&url)
-                        .call()
-                        .map(|r| r.status().as_u16() == 200)
-                        .unwrap_or(false)
-                })
-                .await
-                .unwrap();
-                ok.then_some(())
-            }
-        })
-        .await;
+        wait_healthy(&self.url("/health")).await;
     }
 
     /// POSTs one payment whose webhook goes to the receiver; returns (status, payment id).

@@ -116,6 +116,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // The HTTP gateway connector and the webhook sender block a thread per call (ureq): room
+        // for a call per message in flight besides Tokio's default 512.
+        .max_blocking_threads(512 + usize::from(settings.amqp.prefetch))
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {

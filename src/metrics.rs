@@ -70,6 +70,7 @@ pub struct Metrics {
     payments_unknown: IntGauge,
     payments_stuck: IntGauge,
     reconcile_passes: IntCounterVec,
+    payments_finalised: IntCounterVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -260,6 +261,13 @@ impl Metrics {
                      seconds by consume's sweep).",
                 ),
             ),
+            payments_finalised: counter_vec(
+                &r,
+                "async_pay_payments_finalised_total",
+                "Payments finalised by this process with the gateway's answer, by status \
+                 (succeeded, failed), whether from a message or from reconciliation.",
+                &["status"],
+            ),
             reconcile_passes: counter_vec(
                 &r,
                 "async_pay_reconcile_passes_total",
@@ -279,6 +287,21 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             m.reconcile_passes.with_label_values(&[result]);
+        }
+        for status in ["succeeded", "failed"] {
+            m.payments_finalised.with_label_values(&[status]);
+        }
+        // Every answer of every call, so the first unknown or refused call is an increase.
+        for operation in ["charge", "status"] {
+            for outcome in [
+                "succeeded",
+                "declined",
+                "unknown",
+                "not_found",
+                "unauthorized",
+            ] {
+                m.gateway_calls.with_label_values(&[operation, outcome]);
+            }
         }
         // A dead letter is rare: the first one after a start must be an increase from 0, or
         // `increase()` (and so the dead-letter alert) never sees it.
@@ -418,6 +441,11 @@ pub fn pending_health(unknown: i64, stuck: i64) {
     let m = get();
     m.payments_unknown.set(unknown);
     m.payments_stuck.set(stuck);
+}
+
+/// A payment finalised with the gateway's answer.
+pub fn payment_finalised(status: &str) {
+    get().payments_finalised.with_label_values(&[status]).inc();
 }
 
 /// One reconciliation pass ended.

@@ -408,6 +408,7 @@ impl Processor {
             return self.lost_claim(id).await;
         };
         let status = outcome.status;
+        crate::metrics::payment_finalised(status.as_str());
         match outcome.failure {
             Some((code, message)) => log::info!(
                 "payment {id} {status}: {code} ({message}) ({} {}, merchant {})",

@@ -1,6 +1,7 @@
 //! The HTTP API: routes, authentication, request reading. Handlers live in one file per resource.
 
 pub mod health;
+pub mod idempotency;
 pub mod openapi;
 pub mod payments;
 pub mod request_id;
@@ -157,7 +158,7 @@ pub fn route_table() -> Vec<(&'static str, Method, Route)> {
         (
             "/api/v1/payments",
             Method::GET,
-            web::get().to(payments::list),
+            web::get().to(payments::list::list),
         ),
         (
             "/api/v1/payments/{id}",

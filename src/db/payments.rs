@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::prepared;
 use super::schema::payments;
+use crate::domain::events::PAYMENT_CREATED;
 
 #[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = payments, check_for_backend(diesel::pg::Pg))]
@@ -56,10 +57,6 @@ pub struct NewPayment<'a> {
     pub request_fingerprint: &'a [u8],
     pub webhook_url: Option<&'a str>,
 }
-
-/// Event type of the outbox row written with every new payment (and by `dlq replay`): what the
-/// consumer reads.
-pub const PAYMENT_CREATED: &str = "payment.created";
 
 /// Inserts the payment and its `payment.created` outbox row in ONE statement (so one round trip
 /// and one implicit transaction: both rows or neither). Returns `None` when the merchant already

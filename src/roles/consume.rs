@@ -31,13 +31,13 @@ use amqprs::channel::{
 };
 use anyhow::Context;
 use futures_util::FutureExt;
-use serde::Deserialize;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use crate::amqp::{self, topology};
 use crate::config::Settings;
 use crate::db;
+use crate::domain::events::PaymentEvent;
 use crate::gateway::{self, Gateway};
 use crate::processing::{Failure, Outcome, Processor, panic_message};
 use crate::shutdown::{MAX_BACKOFF, Reconnect, Shutdown, backoff};
@@ -47,12 +47,6 @@ use crate::webhook;
 /// is not ours, and holding it for `amqp.prefetch` messages at once would cost memory for
 /// nothing: it is dead-lettered at once (with the reason in the log), where `dlq list` shows it.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
-
-/// The message body the relay publishes for `payment.created`.
-#[derive(Debug, Deserialize)]
-pub struct PaymentEvent {
-    pub payment_id: Uuid,
-}
 
 /// What to tell the broker about a message.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -19,7 +19,7 @@ use crate::amqp::{self, topology};
 use crate::config::Settings;
 use crate::db::dead_letters::{self, NewDeadLetter};
 use crate::db::{self, DbError, Pool};
-use crate::roles::consume::PaymentEvent;
+use crate::domain::events::PaymentEvent;
 use crate::shutdown::{MAX_BACKOFF, Reconnect, Shutdown, backoff};
 
 /// Dead letters recorded concurrently; they are rare, this only bounds a burst.

@@ -8,6 +8,7 @@ pub mod db;
 pub mod domain;
 pub mod error;
 pub mod gateway;
+pub mod logging;
 pub mod metrics;
 pub mod processing;
 pub mod roles;

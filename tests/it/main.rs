@@ -9,6 +9,7 @@
 
 mod api;
 mod broker;
+mod dev;
 mod dlq;
 mod faults;
 mod gateway;

@@ -439,9 +439,10 @@ impl Settings {
         if g.timeout.is_zero() {
             bail!("invalid configuration at `gateway.timeout`: must be more than 0");
         }
-        if g.recheck_min.is_zero() || g.recheck_min > g.recheck_max {
+        // A floor, so that many unknown outcomes cannot make the sweep hammer the provider.
+        if g.recheck_min < Duration::from_millis(100) || g.recheck_min > g.recheck_max {
             bail!(
-                "invalid configuration at `gateway.recheck_min`: must be more than 0 and at most gateway.recheck_max"
+                "invalid configuration at `gateway.recheck_min`: must be at least 100ms and at most gateway.recheck_max"
             );
         }
         if g.reconcile_interval.is_zero() {
@@ -455,16 +456,28 @@ impl Settings {
             ),
             GatewayKind::Simulated => {}
             GatewayKind::Http => {
-                let ok = url::Url::parse(g.url.trim())
-                    .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+                let ok = url::Url::parse(g.url.trim()).is_ok_and(|u| {
+                    matches!(u.scheme(), "http" | "https")
+                        && u.has_host()
+                        && u.query().is_none()
+                        && u.fragment().is_none()
+                });
                 if !ok {
                     bail!(
-                        "invalid configuration at `gateway.url`: gateway.kind = \"http\" needs the provider's base URL, e.g. \"https://psp.example.com\""
+                        "invalid configuration at `gateway.url`: gateway.kind = \"http\" needs the provider's base URL without query or fragment, e.g. \"https://psp.example.com\""
                     );
                 }
-                if g.api_key.expose().trim().is_empty() {
+                let key = g.api_key.expose();
+                if key.trim().is_empty() {
                     bail!(
                         "invalid configuration at `gateway.api_key`: gateway.kind = \"http\" needs the provider's API key (ASYNC_PAY__GATEWAY__API_KEY)"
+                    );
+                }
+                // It is sent in a header: a line break or other control character would make
+                // every call fail (and pause processing for good).
+                if !key.bytes().all(|b| b.is_ascii_graphic()) {
+                    bail!(
+                        "invalid configuration at `gateway.api_key`: must be visible ASCII characters only (no spaces or line breaks)"
                     );
                 }
             }
@@ -790,6 +803,54 @@ mod tests {
         )])
         .unwrap();
         assert_eq!(copied.merchants_with_published_keys(), ["shop"]);
+    }
+
+    #[test]
+    fn gateway_settings_are_checked_and_the_key_never_shown() {
+        let http = |extra: &[(&str, &str)]| {
+            let mut v = vec![
+                ("ASYNC_PAY__GATEWAY__KIND", "http"),
+                ("ASYNC_PAY__GATEWAY__URL", "https://psp.example.com"),
+                ("ASYNC_PAY__GATEWAY__API_KEY", "sk_live_hunter4"),
+            ];
+            v.extend_from_slice(extra);
+            load_env(&v)
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default()
+        };
+        assert_eq!(http(&[]), "", "a complete http gateway is valid");
+        for (extra, field) in [
+            (("ASYNC_PAY__GATEWAY__URL", ""), "gateway.url"),
+            (("ASYNC_PAY__GATEWAY__URL", "ftp://psp"), "gateway.url"),
+            (
+                ("ASYNC_PAY__GATEWAY__URL", "https://psp/?v=1"),
+                "gateway.url",
+            ),
+            (("ASYNC_PAY__GATEWAY__API_KEY", ""), "gateway.api_key"),
+            (
+                ("ASYNC_PAY__GATEWAY__API_KEY", "sk_hunter4\r\nX: y"),
+                "gateway.api_key",
+            ),
+            (
+                ("ASYNC_PAY__GATEWAY__RECHECK_MIN", "1ms"),
+                "gateway.recheck_min",
+            ),
+            (("ASYNC_PAY__GATEWAY__KIND", "paypal"), "gateway.kind"),
+        ] {
+            let err = http(&[extra]);
+            assert!(err.contains(field), "{extra:?}: {err}");
+            assert!(!err.contains("hunter4"), "the key is never shown: {err}");
+        }
+        // The simulation must answer within the timeout, or every call would be unknown.
+        let err = load_env(&[
+            ("ASYNC_PAY__GATEWAY__MAX_DELAY", "10s"),
+            ("ASYNC_PAY__GATEWAY__TIMEOUT", "10s"),
+        ])
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+        assert!(err.contains("gateway.max_delay"), "{err}");
     }
 
     #[test]

@@ -214,6 +214,27 @@ fn millis(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Extends this holder's claim by `lease` from now (and the check that follows it), before
+/// another gateway call. `false` if the claim is no longer ours: do not call.
+pub async fn renew_claim(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    token: Uuid,
+    lease: std::time::Duration,
+) -> QueryResult<bool> {
+    let n = prepared::sql_query(
+        "UPDATE payments SET claimed_until = now() + $3 * interval '1 millisecond', \
+                next_check_at = now() + $3 * interval '1 millisecond' \
+         WHERE id = $1 AND status = 'pending' AND claim_token = $2",
+    )
+    .bind::<sql_types::Uuid, _>(id)
+    .bind::<sql_types::Uuid, _>(token)
+    .bind::<sql_types::BigInt, _>(millis(lease))
+    .execute(conn)
+    .await?;
+    Ok(n == 1)
+}
+
 /// Records an unknown gateway outcome of a claimed payment: it stays pending, the claim ends,
 /// and the provider is asked about it after `recheck`. `false` if this consumer no longer held
 /// the claim (nothing changed).
@@ -243,7 +264,8 @@ pub async fn record_unknown(
 /// Payments awaiting reconciliation and payments stuck pending, for the gauges.
 #[derive(Debug, Clone, Copy, QueryableByName)]
 pub struct PendingHealth {
-    /// Pending with an unknown gateway outcome.
+    /// Pending with an unknown gateway outcome, or whose claim lapsed in the middle of a call
+    /// (both wait for the provider's status).
     #[diesel(sql_type = sql_types::BigInt)]
     pub unknown: i64,
     /// Pending for longer than the given age.
@@ -261,7 +283,8 @@ pub async fn pending_health(
 ) -> QueryResult<PendingHealth> {
     prepared::sql_query(
         "SELECT (SELECT count(*) FROM payments \
-                 WHERE next_check_at IS NOT NULL AND gateway_state = 'unknown') AS unknown, \
+                 WHERE next_check_at IS NOT NULL AND (gateway_state = 'unknown' \
+                       OR (gateway_state = 'charging' AND claimed_until < now()))) AS unknown, \
                 (SELECT count(*) FROM payments WHERE status = 'pending' \
                  AND created_at < now() - $1 * interval '1 millisecond') AS stuck, \
                 (SELECT id FROM payments WHERE status = 'pending' \

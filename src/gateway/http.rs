@@ -23,6 +23,8 @@ const BUFFER_SIZE: usize = 16 * 1024;
 /// Idle keep-alive connections kept to the provider: as many as calls may run at once, so a
 /// steady load reuses connections instead of opening one per call.
 const IDLE_CONNECTIONS: usize = 1024;
+/// Longest charge id accepted (a provider's reference is short: Stripe's are 27 characters).
+const CHARGE_ID_LIMIT: usize = 255;
 /// Longest decline message or unknown reason kept (they are stored and shown to merchants).
 const TEXT_LIMIT: usize = 500;
 
@@ -52,6 +54,10 @@ impl HttpGateway {
             // answer (unknown), never follow it with the API key.
             .max_redirects(0)
             .max_redirects_will_error(false)
+            // Never through a proxy from the environment (HTTPS_PROXY, ALL_PROXY …): the
+            // bearer key goes to gateway.url and nowhere else. An egress proxy belongs in front
+            // of the adapter, configured there.
+            .proxy(None)
             .input_buffer_size(BUFFER_SIZE)
             .output_buffer_size(BUFFER_SIZE)
             .max_idle_connections(IDLE_CONNECTIONS)
@@ -136,18 +142,27 @@ struct Body {
 /// | 404 on GET | the provider never received this charge: charging it is safe |
 /// | 409 | a request with this key is in progress: unknown |
 /// | 400 / 422 on POST | the provider refuses the request itself: declined, `gateway_rejected` |
-/// | 401 / 403; 404 / 405 on POST | misconfiguration (credentials, URL): nothing charged |
+/// | 401 / 403 | misconfiguration (our credentials): nothing charged |
 /// | 429, 5xx, anything else, a body that is not this JSON | unknown |
 pub fn classify(operation: Operation, status: u16, body: &[u8]) -> Answer {
     let unknown = |reason: String| Answer::Unknown { reason };
     match (status, operation) {
         (200..=299, _) => match serde_json::from_slice::<Body>(body) {
             Ok(b) => match b.status.as_str() {
-                "succeeded" => match b.charge_id.filter(|c| !c.trim().is_empty()) {
-                    Some(charge_id) => Answer::Succeeded {
-                        charge_id: shorten(&charge_id),
-                    },
-                    None => unknown(format!("HTTP {status}: \"succeeded\" without a charge_id")),
+                // The provider's reference is kept exactly as given, or not at all: one that
+                // cannot be stored as it is (empty, NUL, over CHARGE_ID_LIMIT) is not the
+                // contract's, and what the provider did is asked again later.
+                "succeeded" => match b.charge_id {
+                    Some(c)
+                        if !c.trim().is_empty()
+                            && !c.contains('\0')
+                            && c.len() <= CHARGE_ID_LIMIT =>
+                    {
+                        Answer::Succeeded { charge_id: c }
+                    }
+                    _ => unknown(format!(
+                        "HTTP {status}: \"succeeded\" without a usable charge_id"
+                    )),
                 },
                 "declined" => Answer::Declined {
                     code: shorten(
@@ -176,9 +191,6 @@ pub fn classify(operation: Operation, status: u16, body: &[u8]) -> Answer {
         },
         (401 | 403, _) => Answer::Misconfigured {
             reason: format!("HTTP {status}: the provider refused gateway.api_key"),
-        },
-        (404 | 405, Operation::Charge) => Answer::Misconfigured {
-            reason: format!("HTTP {status} on POST /v1/charges: is gateway.url right?"),
         },
         _ => unknown(format!("HTTP {status}")),
     }
@@ -280,10 +292,9 @@ mod tests {
             );
         }
         assert_eq!(classify(Status, 404, b""), Answer::NotFound);
-        assert!(matches!(
-            classify(Charge, 404, b""),
-            Answer::Misconfigured { .. }
-        ));
+        // A POST answered 404 did not charge, but it says nothing about our configuration as a
+        // whole (an adapter may answer it for one payment): unknown, asked again later.
+        assert!(matches!(classify(Charge, 404, b""), Answer::Unknown { .. }));
         for s in [401, 403] {
             assert!(matches!(
                 classify(Charge, s, b""),
@@ -304,16 +315,32 @@ mod tests {
             }
         );
         assert!(matches!(classify(Status, 422, b""), Answer::Unknown { .. }));
-        // Text that PostgreSQL could not store never reaches it.
+        // A charge id is kept as given or not at all.
         let nul = classify(
             Charge,
             200,
             br#"{"status": "succeeded", "charge_id": "ch\u0000x"}"#,
         );
+        assert!(matches!(nul, Answer::Unknown { .. }), "{nul:?}");
+        let long = format!(
+            r#"{{"status": "succeeded", "charge_id": "{}"}}"#,
+            "c".repeat(256)
+        );
+        assert!(matches!(
+            classify(Charge, 200, long.as_bytes()),
+            Answer::Unknown { .. }
+        ));
+        // Decline texts are stored with NUL replaced.
+        let text = classify(
+            Charge,
+            200,
+            br#"{"status": "declined", "decline_code": "x\u0000", "message": "m"}"#,
+        );
         assert_eq!(
-            nul,
-            Answer::Succeeded {
-                charge_id: "ch\u{FFFD}x".into()
+            text,
+            Answer::Declined {
+                code: "x\u{FFFD}".into(),
+                message: "m".into()
             }
         );
     }

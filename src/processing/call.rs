@@ -36,10 +36,7 @@ impl Processor {
                 Ok(step) => return Ok(step),
                 Err(e) => e,
             },
-            Err(panic) => Failure::Db(anyhow::anyhow!(
-                "the gateway call panicked: {}",
-                panic_message(panic.as_ref())
-            )),
+            Err(panic) => Failure::Crashed(format!("panicked: {}", panic_message(panic.as_ref()))),
         };
         let reason = failure.to_string();
         log::error!("payment {id}: {reason}");
@@ -68,7 +65,14 @@ impl Processor {
                     answer.label()
                 );
                 match answer {
-                    Answer::NotFound => self.charge(p).await,
+                    // Never received: charge it now, with the same key, under a claim renewed
+                    // for this second call (so no call outlives the claim).
+                    Answer::NotFound => {
+                        if !self.renew_claim(p.id, token).await? {
+                            return self.lost_claim(p.id).await.map(Step::Done);
+                        }
+                        self.charge(p).await
+                    }
                     other => other,
                 }
             }
@@ -103,16 +107,17 @@ impl Processor {
             // A charge is never answered "not found"; a provider that does is not keeping the
             // contract, and what it did is unknown.
             Answer::NotFound => self
-                .record_unknown(id, token, "the provider answered a charge with 404", 0)
+                .record_unknown(
+                    id,
+                    token,
+                    "the provider answered a charge with 404",
+                    claimed.gateway_checks,
+                )
                 .await
                 .map(Step::Done),
             Answer::Misconfigured { .. } => {
                 // Nothing was charged: give the claim up so the retry can take it at once.
-                self.db("release the claim", id, Some(RECORD_PATIENCE), || async {
-                    let mut c = db::conn(&self.pool).await?;
-                    Ok(payments_db::release_claims(&mut c, &[(id, token)]).await?)
-                })
-                .await?;
+                self.release_claim(id, token).await?;
                 Ok(Step::Refused)
             }
         }
@@ -192,6 +197,25 @@ impl Processor {
             self.webhook_wake.notify_one();
         }
         Ok(Outcome::Finalised(id, status))
+    }
+
+    /// Gives our claim up (no call is under way).
+    pub(super) async fn release_claim(&self, id: Uuid, token: Uuid) -> Result<(), Failure> {
+        self.db("release the claim", id, Some(RECORD_PATIENCE), || async {
+            let mut c = db::conn(&self.pool).await?;
+            Ok(payments_db::release_claims(&mut c, &[(id, token)]).await?)
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Extends our claim before another call; `false` if it is no longer ours.
+    pub(super) async fn renew_claim(&self, id: Uuid, token: Uuid) -> Result<bool, Failure> {
+        self.db("renew the claim", id, Some(RECORD_PATIENCE), || async {
+            let mut c = db::conn(&self.pool).await?;
+            Ok(payments_db::renew_claim(&mut c, id, token, self.lease).await?)
+        })
+        .await
     }
 
     /// Keeps the payment pending with the reason, and schedules the next status check.

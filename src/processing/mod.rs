@@ -89,6 +89,9 @@ pub enum Failure {
     /// Our claim lapsed and the payment is still pending (another holder has it now).
     #[error("lost the claim while the payment is still pending")]
     LostClaim,
+    /// The gateway call's task panicked or was cut (a bug): what the provider did is unknown.
+    #[error("the gateway call crashed: {0}")]
+    Crashed(String),
 }
 
 /// What one claimed payment's gateway call came to.
@@ -197,10 +200,8 @@ impl Processor {
                 None => Ok(None),
             }
         });
-        match task.await {
-            Ok(result) => result,
-            Err(e) => Err(Failure::Db(anyhow::anyhow!("the gateway call failed: {e}"))),
-        }
+        task.await
+            .unwrap_or_else(|e| Err(Failure::Crashed(e.to_string())))
     }
 
     /// Why the payment could not be claimed: `Some` if there is nothing to do, `None` after
@@ -234,10 +235,8 @@ impl Processor {
         }
     }
 
-    /// Runs the gateway call of a claimed payment in a task of its own, which owns the claim
-    /// from here on: dropping the returned future (a lost broker connection, the shutdown
-    /// deadline) does not stop the call or the recording of its outcome.
-    /// [`Processor::call_guarded`] in a task of its own (see [`Processor::claim_and_call`]).
+    /// Runs the gateway call of a claimed payment ([`Processor::call_guarded`]) in a task of
+    /// its own, which owns the claim from here on (see [`Processor::claim_and_call`]).
     async fn call_detached(
         self: &Arc<Self>,
         claimed: Claimed,
@@ -248,10 +247,8 @@ impl Processor {
         let task = self
             .calls
             .spawn(async move { me.call_guarded(claimed, token, permit).await });
-        match task.await {
-            Ok(result) => result,
-            Err(e) => Err(Failure::Db(anyhow::anyhow!("the gateway call failed: {e}"))),
-        }
+        task.await
+            .unwrap_or_else(|e| Err(Failure::Crashed(e.to_string())))
     }
 
     /// Runs `work` (which takes its own pooled connection), waiting out database outages with

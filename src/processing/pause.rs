@@ -104,8 +104,11 @@ impl Pause {
                 s.paused = true;
                 s.until = Some(Instant::now() + wait);
             }
+            // A refusal of a call that was under way when the pause began.
             Some(_) => {}
-            None if s.paused => {
+            // Only a probe's answer ends a pause: an answer to a call sent before it says
+            // nothing about our configuration now.
+            None if s.paused && probe => {
                 log::info!("payment gateway accepts our configuration again: calls resume");
                 *s = State::default();
             }

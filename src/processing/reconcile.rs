@@ -93,9 +93,16 @@ impl Processor {
             for c in claimed {
                 let me = self.clone();
                 calls.spawn(async move {
+                    let id = c.payment.id;
                     let Some(permit) = me.pause.clone().enter(&me.shutdown).await else {
+                        // Stopping: give the claim back instead of leaving it for a lease.
+                        let _ = me.release_claim(id, token).await;
                         return Err(Failure::ShuttingDown);
                     };
+                    // The wait at a pause may have been long: the claim must cover the call.
+                    if !me.renew_claim(id, token).await? {
+                        return Err(Failure::LostClaim);
+                    }
                     me.call_detached(c, token, permit).await
                 });
             }

@@ -37,6 +37,17 @@ async fn assert_provider_agrees(s: &Stack, psp: &Psp, accepted: &[String], limit
         per_payment <= 1 && per_key <= 1,
         "a payment was charged {per_payment} times, a key {per_key} times"
     );
+    // Every charge request, retries included, carried the payment id as its key.
+    let mut rejected = std::collections::HashSet::new();
+    for (method, _, key, _, body, _) in psp.requests() {
+        if method == "POST" {
+            let id = body["payment_id"].as_str().unwrap_or_default().to_string();
+            assert_eq!(key.as_deref(), Some(id.as_str()), "the key of a charge");
+            if body["metadata"]["psp"] == "reject" {
+                rejected.insert(id);
+            }
+        }
+    }
     let rows = s.db.texts(
         "SELECT id::text || '|' || status || '|' || coalesce(charge_id, '-') || '|' || \
                 coalesce(failure_code, '-') AS t FROM payments",
@@ -55,7 +66,10 @@ async fn assert_provider_agrees(s: &Stack, psp: &Psp, accepted: &[String], limit
             }
             Some(_) => assert_eq!((status, code), ("failed", "insufficient_funds"), "{id}"),
             // Never charged: only a request the provider refused outright.
-            None => assert_eq!((status, code), ("failed", "gateway_rejected"), "{id}"),
+            None => {
+                assert!(rejected.contains(id), "{id} is final but was never charged");
+                assert_eq!((status, code), ("failed", "gateway_rejected"), "{id}");
+            }
         }
     }
     // The webhook says what GET says.
@@ -98,7 +112,7 @@ async fn payments_are_charged_declined_or_rejected_once_with_the_contracts_reque
     assert_provider_agrees(&s, &psp, &accepted, Duration::from_secs(30)).await;
 
     // The contract's request: key = payment id, the API key as bearer token, the payment.
-    for (method, path, key, auth, body) in psp.requests() {
+    for (method, path, key, auth, body, _) in psp.requests() {
         assert_eq!((method.as_str(), path.as_str()), ("POST", "/v1/charges"));
         assert_eq!(auth.as_deref(), Some("Bearer psp-test-key"));
         let id = body["payment_id"].as_str().unwrap();
@@ -194,27 +208,31 @@ async fn a_500_after_the_charge_or_before_it_is_reconciled_and_charged_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn processing_answers_are_asked_about_until_final() {
     let psp = Psp::start((Duration::from_millis(10), Duration::from_millis(50)));
-    psp.set_default(psp::Script::Processing(Duration::from_secs(6)));
+    // Processing until the test says otherwise.
+    psp.set_default(psp::Script::Processing(Duration::from_secs(3600)));
     let mut s = stack(&psp.url(), "5s", &[]).await;
     start_pipeline(&mut s);
     s.wait_healthy().await;
     let (accepted, _) = tokio::task::block_in_place(|| s.pay_many("processing", 10, 2));
-    // Still processing at the provider: pending here, not failed, not charged again.
+    // Asked about again and again, still processing: pending here, not failed, not charged
+    // again.
     eventually(
-        Duration::from_secs(10),
-        "the unknown outcomes to be recorded",
+        Duration::from_secs(30),
+        "each payment asked about twice",
         || async {
-            (s.db
-                .count("SELECT count(*) AS n FROM payments WHERE gateway_state = 'unknown'")
-                == 10)
-                .then_some(())
+            let asked = psp.requests().iter().filter(|r| r.0 == "GET").count();
+            (asked >= 20).then_some(())
         },
     )
     .await;
     assert_eq!(
-        s.db.count("SELECT count(*) AS n FROM payments WHERE status = 'pending'"),
+        s.db.count(
+            "SELECT count(*) AS n FROM payments WHERE status = 'pending' \
+             AND gateway_state = 'unknown' AND gateway_reason = 'processing'"
+        ),
         10
     );
+    psp.complete_all();
     assert_provider_agrees(&s, &psp, &accepted, Duration::from_secs(40)).await;
 }
 
@@ -284,9 +302,10 @@ async fn consume_killed_with_200_payments_at_the_provider() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_consumers_broker_connection_cut_3_times_with_calls_in_flight() {
-    // 50 calls of 2-3 s at a time: about 15 s of work, so each cut finds calls in flight.
+    // 50 calls of 2-3 s at a time: about 15 s of work, so each cut finds calls in flight. A
+    // timeout far above the latency: here no call should end unknown because it was slow.
     let psp = Psp::start((Duration::from_secs(2), Duration::from_secs(3)));
-    let mut s = stack(&psp.url(), "5s", &[("ASYNC_PAY__AMQP__PREFETCH", "50")]).await;
+    let mut s = stack(&psp.url(), "20s", &[("ASYNC_PAY__AMQP__PREFETCH", "50")]).await;
     start_pipeline(&mut s);
     s.wait_healthy().await;
     let (accepted, _) = tokio::task::block_in_place(|| s.pay_many("mq-cut", 300, 3));
@@ -323,7 +342,7 @@ async fn reconcile_finalises_a_payment_whose_message_was_dead_lettered_after_the
     let psp = Psp::start((Duration::from_millis(10), Duration::from_millis(50)));
     // The provider charges at once and answers after 60 s: the consumer dies before that.
     psp.set_default(psp::Script::ChargeThenSlow(Duration::from_secs(60)));
-    let mut s = stack(&psp.url(), "3s", &[]).await;
+    let mut s = stack(&psp.url(), "8s", &[]).await;
     for role in ["serve", "relay", "dlq-watch"] {
         s.start(role);
     }
@@ -368,14 +387,19 @@ async fn reconcile_finalises_a_payment_whose_message_was_dead_lettered_after_the
         || async { (s.db.count("SELECT count(*) AS n FROM dead_letters") == 1).then_some(()) },
     )
     .await;
-    // While the dead consumer's claim runs, there is nothing to do yet.
+    // While the dead consumer's claim runs (18 s), there is nothing to do yet.
     let early = s.run(&["reconcile"]);
     assert!(early.status.success(), "{early:?}");
-    assert!(
-        String::from_utf8_lossy(&early.stdout).contains("checked 0 payment(s)"),
-        "{early:?}"
-    );
-    eventually(Duration::from_secs(20), "the claim to lapse", || async {
+    let still_claimed = s.db.count(&format!(
+        "SELECT count(*) AS n FROM payments WHERE id = '{id}' AND claimed_until > now()"
+    )) == 1;
+    if still_claimed {
+        assert!(
+            String::from_utf8_lossy(&early.stdout).contains("checked 0 payment(s)"),
+            "{early:?}"
+        );
+    }
+    eventually(Duration::from_secs(30), "the claim to lapse", || async {
         (s.db.count(&format!(
             "SELECT count(*) AS n FROM payments WHERE id = '{id}' AND next_check_at <= now()"
         )) == 1)
@@ -417,7 +441,8 @@ async fn a_provider_refusing_our_key_pauses_processing_and_fails_nothing() {
         .unwrap()
         .port();
     let bind = format!("127.0.0.1:{metrics_port}");
-    let mut s = stack(&psp.url(), "5s", &[]).await;
+    // At debug level: the API key must not appear even there.
+    let mut s = stack(&psp.url(), "5s", &[("RUST_LOG", "debug")]).await;
     for role in ["serve", "relay", "dlq-watch"] {
         s.start(role);
     }
@@ -427,27 +452,38 @@ async fn a_provider_refusing_our_key_pauses_processing_and_fails_nothing() {
     s.wait_healthy().await;
     let (accepted, _) = tokio::task::block_in_place(|| s.pay_many("refused", 10, 2));
     let metrics_url = format!("http://{bind}/metrics");
-    eventually(Duration::from_secs(20), "the pause to show", || async {
+    let m = eventually(Duration::from_secs(20), "the pause to show", || async {
         let m = request("GET", &metrics_url, &[], None).await.text;
         (m.contains("async_pay_gateway_paused 1")
-            && m.contains(
-                r#"async_pay_gateway_calls_total{operation="charge",outcome="unauthorized"}"#,
-            ))
-        .then_some(())
+            && s.all_logs()
+                .contains("payment gateway refuses our configuration"))
+        .then_some(m)
     })
     .await;
-    assert!(
-        s.all_logs()
-            .contains("payment gateway refuses our configuration")
-    );
-    // One refusal pauses every call; probes follow, one at a time, further and further apart.
-    // No payment failed, nothing dead-lettered.
-    eventually(
-        Duration::from_secs(20),
-        "probes after the first refusals",
-        || async { (psp.requests().len() >= 3).then_some(()) },
-    )
+    let refused = r#"async_pay_gateway_calls_total{operation="charge",outcome="unauthorized"}"#;
+    assert!(crate::metrics::value(&m, refused) >= 1.0, "{m}");
+    // One refusal pauses every call; probes follow, one at a time, further and further apart
+    // (1 s, then 2 s, then 4 s: lower bounds, which a slow machine cannot break).
+    let probes = eventually(Duration::from_secs(30), "three probes", || async {
+        let times: Vec<std::time::Instant> = psp.requests().iter().map(|r| r.5).collect();
+        let first = *times.first()?;
+        let later: Vec<_> = times
+            .into_iter()
+            .filter(|t| *t >= first + Duration::from_millis(500))
+            .collect();
+        (later.len() >= 3).then_some(later)
+    })
     .await;
+    for (n, pair) in probes[..3].windows(2).enumerate() {
+        let gap = pair[1] - pair[0];
+        let least = Duration::from_millis(1900 * (1 << n));
+        assert!(
+            gap >= least,
+            "probe {} came {gap:?} after the one before",
+            n + 2
+        );
+    }
+    // No payment failed, nothing dead-lettered.
     assert_eq!(
         s.db.count("SELECT count(*) AS n FROM payments WHERE status <> 'pending'"),
         0
@@ -459,4 +495,8 @@ async fn a_provider_refusing_our_key_pauses_processing_and_fails_nothing() {
     assert_provider_agrees(&s, &psp, &accepted, Duration::from_secs(40)).await;
     let m = request("GET", &metrics_url, &[], None).await.text;
     assert!(m.contains("async_pay_gateway_paused 0"), "{m}");
+    assert!(
+        !s.all_logs().contains(psp::API_KEY),
+        "the API key is never logged"
+    );
 }

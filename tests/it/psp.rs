@@ -1,11 +1,14 @@
 //! A payment provider on localhost that speaks the HTTP gateway contract (README.md), scriptable
 //! per payment, and that counts every charge it executes, per payment and per idempotency key.
 //!
-//! Like a real provider it honours idempotency keys: a repeated POST with a key it has charged
-//! answers the recorded result without charging again, and a POST whose key is being processed
-//! answers 409. A charge is executed (recorded) the moment its request arrives; the answer may
-//! come later, or never, as scripted. The script of a payment is chosen by its
-//! `metadata.psp` value (see [`Script::from_name`]), else the provider's default.
+//! Like a real provider it honours idempotency keys, whatever they are: a repeated POST with a
+//! key it has charged answers the recorded result without charging again, and a POST whose key
+//! is being processed answers 409. A POST with a new key is a new charge, even for a payment it
+//! has charged before, and counts as such: a client that changed keys would show here as two
+//! charges for one payment. A charge is executed (recorded) the moment its request arrives; the
+//! answer may come later, or never, as scripted. The script of a payment is chosen by its
+//! `metadata.psp` value (see [`Script::from_name`]), else the provider's default; it applies to
+//! the payment's first POST only.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -61,19 +64,28 @@ pub struct Charge {
     pub completes_at: Option<Instant>,
 }
 
-/// A request the provider saw: method, path, Idempotency-Key, Authorization, JSON body.
-pub type Seen = (String, String, Option<String>, Option<String>, Value);
+/// A request the provider saw: method, path, Idempotency-Key, Authorization, JSON body, when.
+pub type Seen = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Value,
+    Instant,
+);
 
 #[derive(Default)]
 struct State {
-    /// By payment id.
+    /// By idempotency key: what a repeated key is answered.
+    by_key: HashMap<String, Charge>,
+    /// By payment id (from the body), the latest: what GET answers.
     charges: HashMap<String, Charge>,
     /// Charges executed, per payment and per key: what must never exceed 1.
     executions_by_payment: HashMap<String, u32>,
     executions_by_key: HashMap<String, u32>,
     /// Keys whose POST is being answered right now.
     in_progress: HashSet<String>,
-    /// Keys POSTed at least once: a script applies to the first POST of a key only (a retry
+    /// Payments POSTed at least once: a script applies to a payment's first POST only (a retry
     /// after "not found" is charged normally).
     attempted: HashSet<String>,
     /// Every request seen: (method, path, idempotency key, authorization, body).
@@ -131,6 +143,16 @@ impl Psp {
 
     pub fn refuse_all(&self, on: bool) {
         self.state.lock().unwrap().refuse_all = on;
+    }
+
+    /// Completes every `processing` charge now.
+    pub fn complete_all(&self) {
+        let mut guard = self.state.lock().unwrap();
+        let s = &mut *guard;
+        let now = Instant::now();
+        for c in s.by_key.values_mut().chain(s.charges.values_mut()) {
+            c.completes_at = c.completes_at.map(|t| t.min(now));
+        }
     }
 
     /// The charge recorded for a payment.
@@ -196,6 +218,7 @@ fn execute(
         completes_at,
     };
     s.charges.insert(payment_id.to_string(), charge.clone());
+    s.by_key.insert(key.to_string(), charge.clone());
     charge
 }
 
@@ -228,6 +251,7 @@ async fn charge(
     let key = header(&req, "idempotency-key");
     let auth = header(&req, "authorization");
     let payment_id = json["payment_id"].as_str().unwrap_or_default().to_string();
+    let k = key.clone().unwrap_or_default();
     // Decide under the lock, answer after the latency without it.
     let (wait, reply, release) = {
         let mut s = state.lock().unwrap();
@@ -237,6 +261,7 @@ async fn charge(
             key.clone(),
             auth.clone(),
             json.clone(),
+            Instant::now(),
         ));
         let wait = latency(&s);
         if s.refuse_all || auth.as_deref() != Some(&format!("Bearer {API_KEY}")) {
@@ -245,20 +270,20 @@ async fn charge(
                 HttpResponse::Unauthorized().json(json!({"message": "bad key"})),
                 None,
             )
-        } else if key.as_deref() != Some(payment_id.as_str()) || payment_id.is_empty() {
+        } else if k.is_empty() || payment_id.is_empty() {
             (
                 wait,
                 HttpResponse::BadRequest()
-                    .json(json!({"message": "Idempotency-Key must be the payment id"})),
+                    .json(json!({"message": "Idempotency-Key and payment_id are required"})),
                 None,
             )
-        } else if s.in_progress.contains(&payment_id) {
+        } else if s.in_progress.contains(&k) {
             (
                 wait,
                 HttpResponse::Conflict().json(json!({"message": "in progress"})),
                 None,
             )
-        } else if let Some(c) = s.charges.get(&payment_id).cloned() {
+        } else if let Some(c) = s.by_key.get(&k).cloned() {
             // The same key again: the recorded answer, no second charge.
             (wait, answer(&c), None)
         } else {
@@ -269,17 +294,17 @@ async fn charge(
                 .or(s.default_script)
                 .filter(|_| first)
                 .unwrap_or(Script::Succeed);
-            s.in_progress.insert(payment_id.clone());
-            let release = Some(payment_id.clone());
+            s.in_progress.insert(k.clone());
+            let release = Some(k.clone());
             match script {
                 Script::Succeed => (
                     wait,
-                    answer(&execute(&mut s, &payment_id, &payment_id, true, None)),
+                    answer(&execute(&mut s, &payment_id, &k, true, None)),
                     release,
                 ),
                 Script::Decline => (
                     wait,
-                    answer(&execute(&mut s, &payment_id, &payment_id, false, None)),
+                    answer(&execute(&mut s, &payment_id, &k, false, None)),
                     release,
                 ),
                 Script::Reject => (
@@ -289,24 +314,18 @@ async fn charge(
                     release,
                 ),
                 Script::ChargeThenSlow(d) => {
-                    let c = execute(&mut s, &payment_id, &payment_id, true, None);
+                    let c = execute(&mut s, &payment_id, &k, true, None);
                     (d, answer(&c), release)
                 }
                 Script::ChargeThen500 => {
-                    execute(&mut s, &payment_id, &payment_id, true, None);
+                    execute(&mut s, &payment_id, &k, true, None);
                     (wait, HttpResponse::InternalServerError().finish(), release)
                 }
                 Script::FailBeforeCharge => {
                     (wait, HttpResponse::InternalServerError().finish(), release)
                 }
                 Script::Processing(d) => {
-                    let c = execute(
-                        &mut s,
-                        &payment_id,
-                        &payment_id,
-                        true,
-                        Some(Instant::now() + d),
-                    );
+                    let c = execute(&mut s, &payment_id, &k, true, Some(Instant::now() + d));
                     (wait, answer(&c), release)
                 }
             }
@@ -343,6 +362,7 @@ async fn status(
             None,
             auth.clone(),
             Value::Null,
+            Instant::now(),
         ));
         let wait = latency(&s);
         if s.refuse_all || auth.as_deref() != Some(&format!("Bearer {API_KEY}")) {

@@ -1,10 +1,11 @@
 //! Fault injection on the real binary: each scenario breaks something on purpose and then
 //! counts that nothing accepted was lost (see `Stack::assert_nothing_lost`).
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::helpers::*;
-use crate::receiver::Receiver;
+use crate::receiver::{Receiver, Reply};
 use crate::stack::{DB_PASSWORD, Stack};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -434,4 +435,59 @@ async fn secrets_never_appear_in_the_logs_of_a_full_run() {
     }
     let b64 = SECRET_A.trim_start_matches("whsec_");
     assert!(!logs.contains(b64));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhooks_in_flight_when_consume_is_killed_are_sent_again_within_the_timeout() {
+    let timeout = Duration::from_secs(3);
+    let mut s = Stack::new(&[("ASYNC_PAY__WEBHOOK__TIMEOUT", "3s")]).await;
+    // Every attempt hangs at the receiver until the sender gives up on it.
+    s.receiver.set_default(Reply::Hang);
+    for role in ["serve", "relay"] {
+        s.start(role);
+    }
+    let consumer = s.start("consume");
+    s.wait_healthy().await;
+    let (accepted, _) = tokio::task::block_in_place(|| s.pay_many("hung", 20, 2));
+    assert_eq!(accepted.len(), 20);
+    eventually(
+        Duration::from_secs(30),
+        "an attempt of every webhook to hang at the receiver",
+        || async {
+            let ids: HashSet<String> = s
+                .receiver
+                .received()
+                .iter()
+                .map(|r| r.headers["webhook-id"].clone())
+                .collect();
+            (ids.len() == 20).then_some(())
+        },
+    )
+    .await;
+    // The sender dies with all 20 attempts in flight; the endpoint answers from now on.
+    s.proc(consumer).kill9();
+    let killed = Instant::now();
+    s.receiver.set_default(Reply::Status(200));
+    let before = s.receiver.received().len();
+    s.start("consume");
+    eventually(
+        timeout + Duration::from_secs(10),
+        "every webhook to be sent again by the new consumer",
+        || async {
+            let again: HashSet<String> = s.receiver.received()[before..]
+                .iter()
+                .map(|r| r.headers["webhook-id"].clone())
+                .collect();
+            (again.len() == 20).then_some(())
+        },
+    )
+    .await;
+    eprintln!("sent again {:?} after the kill", killed.elapsed());
+    s.assert_nothing_lost(&accepted, 0, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        s.db.count("SELECT count(*) AS n FROM webhook_deliveries WHERE status = 'delivered'"),
+        20,
+        "each delivery id arrived and was recorded"
+    );
 }

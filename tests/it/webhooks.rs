@@ -33,6 +33,22 @@ fn delivery_status(app: &TestApp, id: &str, status: &str) -> i64 {
     ))
 }
 
+/// Finalises a payment through a processor with no webhook sender running (as if the process
+/// died right after the commit).
+async fn finalise_with_no_sender(s: &async_pay::config::Settings, id: &str) {
+    let p = Processor::new(
+        s,
+        async_pay::db::pool(&s.database).unwrap(),
+        Arc::new(SimulatedGateway::new(&s.gateway)),
+        Shutdown::new(),
+    );
+    let body = json!({"payment_id": id}).to_string();
+    assert!(matches!(
+        p.handle_one(body.as_bytes(), 0).await,
+        Disposition::Ack(Handled::Finalised(..))
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_attempts_are_retried_on_the_schedule_and_recorded() {
     let db = TestDb::new().await;
@@ -582,4 +598,81 @@ async fn a_binary_response_body_is_recorded_and_the_delivery_completes() {
     ));
     assert_eq!(stored, 1);
     roles.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_is_renewed_while_its_attempt_runs_and_never_once_it_is_recorded() {
+    use async_pay::db::webhooks as w;
+    use diesel_async::AsyncConnection;
+    let db = TestDb::new().await;
+    let (s, _broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let r = app
+        .post_payment(
+            KEY_A,
+            "renew",
+            json!({"amount": "1", "currency": "USD", "webhook_url": "http://127.0.0.1:9/hook"}),
+        )
+        .await;
+    finalise_with_no_sender(&s, r.json["payment_id"].as_str().unwrap()).await;
+    let mut c = diesel_async::AsyncPgConnection::establish(&app.db.url)
+        .await
+        .unwrap();
+    let claimed = w::claim_due(&mut c, 10, Duration::from_secs(2), 8, &[], &[])
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let d = &claimed[0];
+    let minute = Duration::from_secs(60);
+    let due_in = |app: &TestApp| {
+        app.db.count(&format!(
+            "SELECT extract(epoch FROM next_attempt_at - now())::bigint AS n \
+             FROM webhook_deliveries WHERE id = '{}'",
+            d.id
+        ))
+    };
+
+    // While the attempt runs: pushed out by the lease, and the new lease end is what counts.
+    let renewed = w::renew_claims(&mut c, &[d.id], &[d.attempts], &[d.next_attempt_at], minute)
+        .await
+        .unwrap();
+    assert_eq!(renewed.len(), 1);
+    assert!(due_in(&app) > 50, "renewed to about a minute from now");
+    let stale = w::renew_claims(&mut c, &[d.id], &[d.attempts], &[d.next_attempt_at], minute)
+        .await
+        .unwrap();
+    assert!(
+        stale.is_empty(),
+        "a lease end that is no longer in the row renews nothing"
+    );
+
+    // The attempt is recorded with a retry in 1 s: a heartbeat that comes after must not move
+    // the retry out by a lease.
+    let retry_at = time::OffsetDateTime::now_utc() + Duration::from_secs(1);
+    w::record_attempt(
+        &mut c,
+        &w::Attempt {
+            delivery_id: d.id,
+            attempt: d.attempts,
+            attempted_at: time::OffsetDateTime::now_utc(),
+            duration_ms: 5,
+            status_code: Some(500),
+            error: None,
+            response_body: Some("no".into()),
+        },
+        w::AfterAttempt::RetryAt(retry_at),
+    )
+    .await
+    .unwrap();
+    let late = w::renew_claims(
+        &mut c,
+        &[d.id],
+        &[d.attempts],
+        &[renewed[0].next_attempt_at],
+        minute,
+    )
+    .await
+    .unwrap();
+    assert!(late.is_empty(), "a recorded attempt is not renewed");
+    assert!(due_in(&app) <= 1, "the retry stays due in about 1 s");
 }

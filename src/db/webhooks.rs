@@ -139,6 +139,28 @@ pub async fn renew_claims(
     .await
 }
 
+/// First key of the advisory locks on a payment's deliveries (the two-key form, whose key space
+/// does not overlap the one-key form of the migration lock); spells "whk1".
+const DELIVERIES_LOCK_CLASS: i32 = 0x7768_6b31;
+
+/// Takes a transaction-level lock on the deliveries of one payment, so that deciding whether to
+/// write a new delivery (a resend) happens for one request at a time: the next waits, then sees
+/// what the first wrote. Call inside the caller's transaction; it is released at its end.
+pub async fn lock_payment_deliveries(
+    conn: &mut AsyncPgConnection,
+    payment_id: Uuid,
+) -> QueryResult<()> {
+    // Any 32 bits of the id do: two payments sharing a key only wait for each other.
+    let v = payment_id.as_u128();
+    let key = (v as u32 ^ (v >> 32) as u32 ^ (v >> 64) as u32 ^ (v >> 96) as u32) as i32;
+    prepared::sql_query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind::<sql_types::Integer, _>(DELIVERIES_LOCK_CLASS)
+        .bind::<sql_types::Integer, _>(key)
+        .execute(conn)
+        .await
+        .map(|_| ())
+}
+
 /// The newest delivery of a payment, if any.
 pub async fn latest_for_payment(
     conn: &mut AsyncPgConnection,

@@ -600,6 +600,85 @@ async fn a_binary_response_body_is_recorded_and_the_delivery_completes() {
     roles.stop().await;
 }
 
+/// A payment finalised by a processor with no sender running, its delivery then marked failed
+/// (the schedule exhausted): what a merchant resends. Returns the payment id.
+async fn final_with_failed_webhook(
+    app: &TestApp,
+    s: &async_pay::config::Settings,
+    key: &str,
+) -> String {
+    let r = app
+        .post_payment(
+            KEY_A,
+            key,
+            json!({"amount": "1", "currency": "USD", "webhook_url": "http://127.0.0.1:9/hook"}),
+        )
+        .await;
+    let id = r.json["payment_id"].as_str().unwrap().to_string();
+    finalise_with_no_sender(s, &id).await;
+    app.db
+        .exec(&format!(
+            "UPDATE webhook_deliveries SET status = 'failed', attempts = 3, finished_at = now() \
+             WHERE payment_id = '{id}'"
+        ))
+        .unwrap();
+    id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_resends_of_one_payment_make_one_pending_delivery() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let db = TestDb::new().await;
+    let (s, _broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let id = final_with_failed_webhook(&app, &s, "race-resend").await;
+    // Line the two resends up at the same point: a lock that lets them read but not write
+    // deliveries, held until both are waiting on a lock.
+    let mut gate = diesel_async::AsyncPgConnection::establish(&app.db.url)
+        .await
+        .unwrap();
+    gate.batch_execute("BEGIN; LOCK TABLE webhook_deliveries IN SHARE ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let url = app.url(&format!("/api/v1/payments/{id}/webhook/resend"));
+    let resends: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { request("POST", &url, &[("X-API-Key", KEY_A)], None).await })
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "both resends to wait on a lock",
+        || async {
+            let waiting = app.db.count(
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            );
+            (waiting == 2).then_some(())
+        },
+    )
+    .await;
+    gate.batch_execute("COMMIT").await.unwrap();
+    let mut ids = std::collections::HashSet::new();
+    for r in resends {
+        let r = r.await.unwrap();
+        assert_eq!(r.status, 202, "{}", r.text);
+        ids.insert(r.json["delivery_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        ids.len(),
+        1,
+        "both answer the one pending delivery: {ids:?}"
+    );
+    assert_eq!(
+        delivery_status(&app, &id, "pending"),
+        1,
+        "one new delivery, not one per request"
+    );
+    assert_eq!(delivery_status(&app, &id, "failed"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_claim_is_renewed_while_its_attempt_runs_and_never_once_it_is_recorded() {
     use async_pay::db::webhooks as w;

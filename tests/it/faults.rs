@@ -491,3 +491,65 @@ async fn webhooks_in_flight_when_consume_is_killed_are_sent_again_within_the_tim
         "each delivery id arrived and was recorded"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_outage_is_waited_out_without_growing_the_delivery_count() {
+    let mut s = Stack::new(&[]).await;
+    s.start("serve");
+    s.start("relay");
+    s.wait_healthy().await;
+    let (status, id) = s.pay("outage").await;
+    assert_eq!(status, 202);
+    let id = id.unwrap();
+    s.wait_published(Duration::from_secs(20)).await;
+    s.pg.cut();
+    let consumer = s.start("consume");
+    // The consumer takes the message and keeps trying to claim the payment: four tries are
+    // 1 + 2 + 4 s of backoff, long enough for a consumer that requeued on each failure to have
+    // used up the delivery limit (3) and dead-lettered it.
+    eventually(
+        Duration::from_secs(30),
+        "four tries to claim the payment",
+        || async {
+            let tries = s
+                .all_logs()
+                .lines()
+                .filter(|l| {
+                    l.contains(&id)
+                        && l.contains("database unavailable while trying to claim the payment")
+                })
+                .count();
+            (tries >= 4).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        s.broker.depth(&s.broker.settings.queue).await,
+        0,
+        "held by the consumer all along"
+    );
+    // The consumer dies; what the broker counted is on the message it hands back.
+    s.proc(consumer).kill9();
+    eventually(Duration::from_secs(10), "the message back", || async {
+        (s.broker.depth(&s.broker.settings.queue).await == 1).then_some(())
+    })
+    .await;
+    let (_, count) = crate::backstop::get_one(&s.broker, &s.broker.settings.queue, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        count,
+        Some(1),
+        "one delivery counted: the kill's hand-back; the outage added none"
+    );
+    assert_eq!(
+        s.broker.depth(&s.broker.settings.dead_letter_queue).await,
+        0
+    );
+    // Once the database is back, a new consumer finishes it (reading it counted a delivery too:
+    // this one is the third, still within the limit).
+    s.pg.restore();
+    s.start("consume");
+    s.assert_nothing_lost(&[id], 0, Duration::from_secs(30))
+        .await;
+}

@@ -8,6 +8,7 @@
 )]
 
 mod api;
+mod backstop;
 mod broker;
 mod dlq;
 mod faults;

@@ -296,6 +296,16 @@ impl Stack {
         (ids, statuses)
     }
 
+    /// Waits until the outbox holds no unpublished event (every event is in RabbitMQ).
+    pub async fn wait_published(&self, limit: Duration) {
+        let db = &self.db;
+        eventually(limit, "every event to be published", || async {
+            (db.count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL") == 0)
+                .then_some(())
+        })
+        .await;
+    }
+
     /// Every log line written so far by every process of this stack.
     pub fn all_logs(&self) -> String {
         let mut out = String::new();

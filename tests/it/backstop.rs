@@ -44,6 +44,18 @@ pub async fn publish(broker: &TestBroker, message_id: &str, body: Vec<u8>) {
     publish_to(broker, &s.exchange, &s.routing_key, &[(message_id, body)]).await;
 }
 
+/// Puts messages straight on the dead-letter exchange, as RabbitMQ does when it gives up.
+pub async fn dead_letter(broker: &TestBroker, messages: &[(&str, Vec<u8>)]) {
+    let s = &broker.settings;
+    publish_to(
+        broker,
+        &s.dead_letter_exchange,
+        &s.dead_letter_queue,
+        messages,
+    )
+    .await;
+}
+
 /// A consumer that "crashes" on its message: it connects through `proxy`, takes one message
 /// without acking it, and its connection drops (as when the process dies). Returns the
 /// message's `x-delivery-count` (None on the first delivery), or `Err(())` when no message came

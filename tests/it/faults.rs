@@ -537,3 +537,40 @@ async fn a_database_outage_is_waited_out_without_growing_the_delivery_count() {
     s.assert_nothing_lost(&[id], 0, Duration::from_secs(30))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_once_exits_1_when_the_database_is_unreachable() {
+    let db = TestDb::new().await;
+    let pg = crate::proxy::Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    pg.cut();
+    let mut through_cut_proxy = url::Url::parse(&db.url).unwrap();
+    through_cut_proxy.set_port(Some(pg.addr.port())).unwrap();
+    through_cut_proxy.set_password(Some(DB_PASSWORD)).unwrap();
+    // Nothing listens on port 1; the cut proxy accepts and drops at once.
+    for url in [
+        format!("postgres://postgres:{DB_PASSWORD}@127.0.0.1:1/x"),
+        through_cut_proxy.to_string(),
+    ] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_async-pay"))
+            .args(["relay", "--once"])
+            .env("DATABASE_URL", &url)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(60), out)
+            .await
+            .expect("relay --once ends by itself")
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{url}: {err}");
+        assert!(err.contains("database"), "{err}");
+        assert!(
+            !err.contains(DB_PASSWORD),
+            "the password is not printed: {err}"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).is_empty(),
+            "no 'published' line"
+        );
+    }
+}

@@ -771,3 +771,50 @@ async fn a_claim_is_renewed_while_its_attempt_runs_and_never_once_it_is_recorded
     assert!(late.is_empty(), "a recorded attempt is not renewed");
     assert!(due_in(&app) <= 1, "the retry stays due in about 1 s");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_more_than_webhook_concurrency_attempts_are_in_flight() {
+    let db = TestDb::new().await;
+    let (mut s, _broker) = fast(&db);
+    s.webhook.concurrency = 4;
+    // One host: only the global cap limits.
+    s.webhook.per_host_concurrency = 100;
+    s.webhook.timeout = Duration::from_secs(30);
+    let app = TestApp::spawn_with(db, s.clone());
+    let receiver = Receiver::start().await;
+    receiver.set_default(Reply::Hold);
+    // Twelve deliveries due at once before any sender runs.
+    for i in 0..12 {
+        let r = app
+            .post_payment(
+                KEY_A,
+                &format!("cap-{i}"),
+                json!({"amount": "1", "currency": "USD", "webhook_url": receiver.url("/")}),
+            )
+            .await;
+        finalise_with_no_sender(&s, r.json["payment_id"].as_str().unwrap()).await;
+    }
+    let mut roles = Roles::new();
+    roles.consume(&s, Arc::new(SimulatedGateway::new(&s.gateway)));
+    eventually(Duration::from_secs(10), "the cap to be reached", || async {
+        (receiver.max_open() >= 4).then_some(())
+    })
+    .await;
+    // From now on every request is answered; the held ones are let go.
+    receiver.set_default(Reply::Status(200));
+    receiver.release_held();
+    eventually(Duration::from_secs(20), "all twelve delivered", || async {
+        (app.db
+            .count("SELECT count(*) AS n FROM webhook_deliveries WHERE status = 'delivered'")
+            == 12)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(receiver.received().len(), 12);
+    assert_eq!(
+        receiver.max_open(),
+        4,
+        "never more than webhook.concurrency requests open at the receiver"
+    );
+    roles.stop().await;
+}

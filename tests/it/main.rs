@@ -10,6 +10,7 @@
 mod api;
 mod backstop;
 mod broker;
+mod db_errors;
 mod dlq;
 mod faults;
 mod helpers;

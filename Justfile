@@ -56,7 +56,7 @@ dlq *ARGS:
 # Build the image and start the whole stack in containers (API on :8000, RabbitMQ UI on :15672); needs a Docker engine.
 up:
     docker compose up -d --build
-    @echo "API: http://localhost:8000/health   metrics: http://localhost:8000/metrics   RabbitMQ UI: http://localhost:15672"
+    @echo "API: http://localhost:8000/health   metrics: <service>:9100/metrics on the compose network   RabbitMQ UI: http://localhost:15672"
 
 # Like `up`, but the relay runs as `relay --once` every minute (cron mode) instead of continuously.
 up-cron:

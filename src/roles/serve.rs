@@ -5,7 +5,8 @@
 //! its event are committed together and the relay moves the event. While the database is down,
 //! requests answer 503 after at most `database.acquire_timeout` + `database.query_timeout`, and
 //! the pool reconnects by itself when the database is back. `GET /metrics` serves the Prometheus
-//! metrics of this process ([`crate::metrics`]).
+//! metrics of this process ([`crate::metrics`]), on the API port or, with `server.metrics_bind`
+//! set, only on that address (with a one-connection pool of its own for the outbox gauges).
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -23,6 +24,9 @@ use crate::{db, metrics};
 pub struct Started {
     pub server: actix_web::dev::Server,
     pub addr: SocketAddr,
+    /// `/metrics` on its own address (`server.metrics_bind`), already running; stop it after
+    /// the server.
+    pub metrics: Option<metrics::Exporter>,
 }
 
 /// Binds the listener (so the port is known before anything runs) and builds the server.
@@ -57,6 +61,17 @@ pub fn start(settings: &Settings) -> anyhow::Result<Started> {
     let listener = TcpListener::bind(&settings.server.bind)
         .with_context(|| format!("cannot listen on {}", settings.server.bind))?;
     let addr = listener.local_addr()?;
+    let metrics_on_api_port = api::metrics_on_api_port(settings);
+    let exporter = if metrics_on_api_port {
+        None
+    } else {
+        // One connection is plenty for a scrape every few seconds, and keeps scrapes from
+        // taking connections from requests.
+        let mut scrape = settings.database.clone();
+        scrape.pool_size = 1;
+        metrics::serve(&settings.server.metrics_bind, Some(db::pool(&scrape)?))
+            .context("server.metrics_bind")?
+    };
     let server = HttpServer::new(move || {
         let n = next.fetch_add(1, Ordering::Relaxed);
         let state = match states.get(n) {
@@ -78,7 +93,7 @@ pub fn start(settings: &Settings) -> anyhow::Result<Started> {
             .wrap(Logger::new(r#"%a "%r" %s %b %Dms req=%{x-request-id}o"#))
             // Outermost: counts every request, labelled with its matched route pattern.
             .wrap(from_fn(metrics::track_http))
-            .configure(api::routes)
+            .configure(|cfg| api::routes_with(cfg, metrics_on_api_port))
     })
     .shutdown_timeout(settings.server.shutdown_timeout.as_secs().max(1))
     .workers(workers)
@@ -86,6 +101,7 @@ pub fn start(settings: &Settings) -> anyhow::Result<Started> {
     Ok(Started {
         server: server.run(),
         addr,
+        metrics: exporter,
     })
 }
 
@@ -99,5 +115,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     let started = start(&settings)?;
     log::info!("serving the API on http://{}", started.addr);
-    started.server.await.context("the HTTP server failed")
+    let served = started.server.await.context("the HTTP server failed");
+    if let Some(exporter) = started.metrics {
+        exporter.stop().await;
+    }
+    served
 }

@@ -9,6 +9,7 @@ pub mod domain;
 pub mod error;
 pub mod gateway;
 pub mod metrics;
+pub mod processing;
 pub mod roles;
 pub mod shutdown;
 pub mod ssrf;

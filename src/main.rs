@@ -32,7 +32,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the HTTP API (applies pending migrations first).
+    /// Run the HTTP API (applies pending migrations first; never creates the database).
     Serve,
     /// Move outbox events to RabbitMQ (wakes on NOTIFY; several relays may run at once).
     Relay {
@@ -41,11 +41,15 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Process payment events through the gateway and send webhooks.
+    /// Process payment events through the gateway, reconcile unknown outcomes, send webhooks.
     Consume,
+    /// Ask the payment provider about every payment whose outcome is unknown, once, and exit
+    /// (for cron; `consume` does the same continuously). Exits non-zero when the database is
+    /// unreachable or the provider refuses our configuration.
+    Reconcile,
     /// Record every dead-lettered message in the dead_letters table.
     DlqWatch,
-    /// Apply pending database migrations and exit.
+    /// Create the database if missing, apply pending migrations, and exit.
     Migrate,
     /// List and replay dead letters (the dead_letters table that dlq-watch fills).
     Dlq {
@@ -112,6 +116,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // The HTTP gateway connector and the webhook sender block a thread per call (ureq): room
+        // for a call per message in flight besides Tokio's default 512.
+        .max_blocking_threads(512 + usize::from(settings.amqp.prefetch))
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
@@ -135,6 +142,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     roles::consume::run(settings, Shutdown::on_signal()),
                 )
                 .await
+            }
+            Command::Reconcile => {
+                println!(
+                    "{}",
+                    roles::reconcile::run(&settings, Shutdown::on_signal()).await?
+                );
+                Ok(())
             }
             Command::DlqWatch => {
                 let exporter = metrics::serve(&settings.metrics.bind, None)?;

@@ -100,6 +100,9 @@ pub fn payload(p: &Payment) -> serde_json::Value {
         "amount": domain::format_amount(p.amount),
         "currency": p.currency,
         "metadata": p.metadata,
+        "charge_id": p.charge_id,
+        "failure_code": p.failure_code,
+        "failure_message": p.failure_message,
     })
 }
 
@@ -304,7 +307,7 @@ impl Sender {
             ureq::Agent::with_parts(
                 config,
                 ureq::unversioned::transport::DefaultConnector::default(),
-                crate::ssrf::GuardedResolver::default(),
+                crate::ssrf::GuardedResolver::new(settings.webhook.allowed_ports.clone()),
             )
         };
         Ok(Sender {

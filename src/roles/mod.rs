@@ -5,5 +5,6 @@ pub mod consume;
 pub mod dlq;
 pub mod dlq_watch;
 pub mod healthcheck;
+pub mod reconcile;
 pub mod relay;
 pub mod serve;

@@ -65,7 +65,7 @@ up-cron:
     @just _urls
 
 _urls:
-    @echo "API:         http://localhost:${API_PORT:-8000}/health   (metrics: /metrics)"
+    @echo "API:         http://localhost:${API_PORT:-8000}/health   (metrics: serve:9100 on the compose network)"
     @echo "RabbitMQ UI: http://localhost:${RABBITMQ_UI_PORT:-15672}"
     @echo "Prometheus:  http://localhost:${PROMETHEUS_PORT:-9090}   (alerts: /alerts, targets: /targets)"
     @echo "Grafana:     http://localhost:${GRAFANA_PORT:-3000}   (admin / \$GRAFANA_PASSWORD, default admin; dashboard async-pay)"

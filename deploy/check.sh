@@ -96,8 +96,10 @@ log "smoke run configured like the containers"
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export ASYNC_PAY_CONFIG=deploy/config.toml
 export DATABASE_URL="$admin/$db"
-# Where the container binds 0.0.0.0:8000, this run takes a free loopback port.
+# Where the container binds 0.0.0.0:8000 (and 0.0.0.0:9100 for /metrics), this run takes free
+# loopback ports.
 export ASYNC_PAY__SERVER__BIND="127.0.0.1:$port"
+export ASYNC_PAY__SERVER__METRICS_BIND="127.0.0.1:0"
 export RUST_LOG=warn
 "$bin" migrate
 "$bin" dlq list

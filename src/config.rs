@@ -125,6 +125,8 @@ pub struct ServerSettings {
     pub max_body: ByteSize,
     #[serde(with = "duration_str")]
     pub shutdown_timeout: Duration,
+    /// Where `serve` answers `GET /metrics`; empty = on `bind`, with the API.
+    pub metrics_bind: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -9,7 +9,7 @@ use sha2::Sha256;
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
@@ -68,9 +68,11 @@ pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
 
 /// First bytes of a response body kept with each attempt.
 pub const RESPONSE_BODY_LIMIT: u64 = 1024;
-/// Extra time on top of `webhook.timeout` before a claimed attempt counts as abandoned (its
-/// sender died) and the delivery is due again.
-const ATTEMPT_LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// Shortest claim on an attempt. A claim lasts `webhook.timeout` (at least this) and is renewed
+/// every third of that while its attempt runs, so a sender that dies leaves its deliveries due
+/// again within one lease; below about 3 s a heartbeat delayed by a busy database would let
+/// another sender take over an attempt that is still running (a duplicate webhook).
+const MIN_ATTEMPT_LEASE: Duration = Duration::from_secs(3);
 
 /// The webhook body for a final payment. `payment_id`, `status` and `processed_at` are the
 /// original service's fields, with the same values `GET` shows.
@@ -155,7 +157,8 @@ pub fn signature_header(keys: &[Vec<u8>], id: &str, timestamp: i64, body: &[u8])
         .join(" ")
 }
 
-/// What the sender decides after an attempt.
+/// What the sender decides after an attempt. A retry time past what a timestamp can hold (a
+/// delay of millennia) gives up, as an exhausted schedule does.
 pub fn after_attempt(
     attempt: i32,
     status: Option<u16>,
@@ -165,11 +168,12 @@ pub fn after_attempt(
     match status {
         Some(s) if (200..300).contains(&s) => AfterAttempt::Delivered,
         Some(410) => AfterAttempt::Failed,
-        _ => match usize::try_from(attempt - 1)
+        _ => match usize::try_from(attempt.saturating_sub(1))
             .ok()
             .and_then(|i| delays.get(i))
+            .and_then(|d| now.checked_add(time::Duration::try_from(jitter(*d)).ok()?))
         {
-            Some(d) => AfterAttempt::RetryAt(now + jitter(*d)),
+            Some(at) => AfterAttempt::RetryAt(at),
             None => AfterAttempt::Failed,
         },
     }
@@ -177,7 +181,78 @@ pub fn after_attempt(
 
 /// +-20 % so that many deliveries failing together do not retry together.
 pub fn jitter(d: Duration) -> Duration {
-    d.mul_f64(0.8 + 0.4 * fastrand::f64())
+    Duration::try_from_secs_f64(d.as_secs_f64() * (0.8 + 0.4 * fastrand::f64())).unwrap_or(d)
+}
+
+/// The attempts a sender has in flight: how many per host (for `per_host_concurrency`) and the
+/// claims its heartbeat keeps alive (delivery id -> attempt number and the lease end last
+/// written). Entries are added and removed only through [`Slot`].
+#[derive(Debug, Default)]
+struct InFlight {
+    per_host: HashMap<String, usize>,
+    claims: HashMap<uuid::Uuid, (i32, OffsetDateTime)>,
+}
+
+fn lock(state: &Mutex<InFlight>) -> MutexGuard<'_, InFlight> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One attempt's place in [`InFlight`]: taken before the attempt is spawned, given back when the
+/// attempt task ends, however it ends (finished, panicked, aborted), because the task owns it
+/// and dropping it gives the place back.
+struct Slot {
+    state: Arc<Mutex<InFlight>>,
+    host: String,
+    id: uuid::Uuid,
+}
+
+impl Slot {
+    fn take(state: &Arc<Mutex<InFlight>>, d: &Delivery) -> Slot {
+        let mut st = lock(state);
+        *st.per_host.entry(d.host.clone()).or_default() += 1;
+        st.claims.insert(d.id, (d.attempts, d.next_attempt_at));
+        Slot {
+            state: state.clone(),
+            host: d.host.clone(),
+            id: d.id,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut st = lock(&self.state);
+        if let Some(n) = st.per_host.get_mut(&self.host) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.per_host.remove(&self.host);
+            }
+        }
+        st.claims.remove(&self.id);
+    }
+}
+
+/// Runs `work` as a task that holds `slot` until it ends.
+fn spawn_holding(
+    tasks: &mut JoinSet<()>,
+    slot: Slot,
+    work: impl Future<Output = ()> + Send + 'static,
+) {
+    tasks.spawn(async move {
+        let _slot = slot;
+        work.await;
+    });
+}
+
+/// Logs an attempt task that did not end normally (its slot is already given back).
+fn reap(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        log::error!(
+            "a webhook attempt panicked; its delivery is attempted again once its claim lapses"
+        );
+    }
 }
 
 /// Sends due webhook deliveries, `webhook.concurrency` at a time.
@@ -237,9 +312,57 @@ impl Sender {
         })
     }
 
-    /// How long a claimed attempt may run before another sender may take the delivery over.
+    /// How long a claim on an attempt lasts unless renewed: `webhook.timeout`, at least
+    /// [`MIN_ATTEMPT_LEASE`]. The heartbeat renews it every third of that while the attempt runs.
     fn lease(&self) -> Duration {
-        self.settings.timeout + ATTEMPT_LEASE_MARGIN
+        self.settings.timeout.max(MIN_ATTEMPT_LEASE)
+    }
+
+    /// Renews the claims of the attempts in flight every third of the lease, until aborted. A
+    /// renewal that fails (database unreachable) is logged; the claims may then lapse and another
+    /// sender may repeat an attempt that is still running (the merchant deduplicates on
+    /// `webhook-id`).
+    async fn heartbeat(self: Arc<Self>, state: Arc<Mutex<InFlight>>) {
+        let lease = self.lease();
+        let every = lease / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let (ids, attempts, ends): (Vec<_>, Vec<_>, Vec<_>) = {
+                let st = lock(&state);
+                let mut ids = Vec::with_capacity(st.claims.len());
+                let mut attempts = Vec::with_capacity(st.claims.len());
+                let mut ends = Vec::with_capacity(st.claims.len());
+                for (id, (n, end)) in &st.claims {
+                    ids.push(*id);
+                    attempts.push(*n);
+                    ends.push(*end);
+                }
+                (ids, attempts, ends)
+            };
+            if ids.is_empty() {
+                continue;
+            }
+            let renewed = db::with_timeout(every, async {
+                let mut conn = db::conn(&self.pool).await?;
+                Ok(webhooks_db::renew_claims(&mut conn, &ids, &attempts, &ends, lease).await?)
+            })
+            .await;
+            match renewed {
+                Ok(rows) => {
+                    let mut st = lock(&state);
+                    for r in rows {
+                        // Only while the attempt is still in flight (its slot may be gone by now).
+                        if let Some(claim) = st.claims.get_mut(&r.id) {
+                            claim.1 = r.next_attempt_at;
+                        }
+                    }
+                }
+                Err(e) => log::warn!(
+                    "webhook sender: cannot renew the claims of {} attempts in flight ({e})",
+                    ids.len()
+                ),
+            }
+        }
     }
 
     /// Claims up to `limit` due deliveries, keeping each host within `per_host_concurrency`
@@ -365,30 +488,30 @@ impl Sender {
 
     /// Claims and sends due deliveries until `shutdown`; attempts in flight finish first. At
     /// most `webhook.concurrency` attempts run at once, and at most `per_host_concurrency` to one
-    /// host, so a dead endpoint slows only its own deliveries.
+    /// host, so a dead endpoint slows only its own deliveries. While attempts run, a heartbeat
+    /// renews their claims, so they stay short: if this process dies, its deliveries are due
+    /// again within one lease (`webhook.timeout`, at least [`MIN_ATTEMPT_LEASE`]).
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
-        let mut in_flight: JoinSet<String> = JoinSet::new();
-        let mut per_host: HashMap<String, usize> = HashMap::new();
+        let mut in_flight: JoinSet<()> = JoinSet::new();
+        let state = Arc::new(Mutex::new(InFlight::default()));
+        let heartbeat = tokio::spawn(self.clone().heartbeat(state.clone()));
         let mut failures = 0;
         loop {
             while let Some(done) = in_flight.try_join_next() {
-                finished(&mut per_host, done);
+                reap(done);
             }
             let room = self.settings.concurrency.saturating_sub(in_flight.len());
             let mut claimed = 0;
             if room > 0 && !shutdown.is_triggered() {
+                let per_host = lock(&state).per_host.clone();
                 match self.claim(room, &per_host).await {
                     Ok(ds) => {
                         failures = 0;
                         claimed = ds.len();
                         for d in ds {
-                            *per_host.entry(d.host.clone()).or_default() += 1;
+                            let slot = Slot::take(&state, &d);
                             let me = self.clone();
-                            in_flight.spawn(async move {
-                                let host = d.host.clone();
-                                me.attempt(d).await;
-                                host
-                            });
+                            spawn_holding(&mut in_flight, slot, async move { me.attempt(d).await });
                         }
                     }
                     Err(e) => {
@@ -410,23 +533,16 @@ impl Sender {
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(self.settings.poll_interval) => {}
-                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => finished(&mut per_host, done),
+                Some(done) = in_flight.join_next(), if !in_flight.is_empty() => reap(done),
                 _ = shutdown.wait() => break,
             }
         }
-        // Let attempts in flight finish and be recorded (each is bounded by webhook.timeout).
-        while in_flight.join_next().await.is_some() {}
-    }
-}
-
-/// One attempt to `host` has ended.
-fn finished(per_host: &mut HashMap<String, usize>, done: Result<String, tokio::task::JoinError>) {
-    let Ok(host) = done else { return };
-    if let Some(n) = per_host.get_mut(&host) {
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            per_host.remove(&host);
+        // Let attempts in flight finish and be recorded (each is bounded by webhook.timeout),
+        // their claims renewed meanwhile.
+        while let Some(done) = in_flight.join_next().await {
+            reap(done);
         }
+        heartbeat.abort();
     }
 }
 
@@ -445,6 +561,75 @@ mod tests {
             br#"{"test": 2432232314}"#,
         );
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    fn delivery(host: &str) -> Delivery {
+        let now = OffsetDateTime::now_utc();
+        Delivery {
+            id: uuid::Uuid::now_v7(),
+            message_id: "msg_test".into(),
+            payment_id: uuid::Uuid::now_v7(),
+            merchant: "m".into(),
+            event_type: "payment.succeeded".into(),
+            url: format!("http://{host}/"),
+            host: host.into(),
+            payload: serde_json::json!({}),
+            status: "pending".into(),
+            attempts: 1,
+            next_attempt_at: now,
+            last_attempt_at: Some(now),
+            last_status_code: None,
+            created_at: now,
+            finished_at: None,
+        }
+    }
+
+    /// A JoinSet hands back a panicked task as a JoinError without its result, so the host of
+    /// the attempt must not come from the task's return value: the slot gives it back.
+    #[tokio::test]
+    async fn a_panicking_attempt_gives_back_its_host_slot_and_its_claim() {
+        let state = Arc::new(Mutex::new(InFlight::default()));
+        let mut tasks = JoinSet::new();
+        let (a, b) = (delivery("a.example"), delivery("a.example"));
+        spawn_holding(&mut tasks, Slot::take(&state, &a), async {
+            panic!("an attempt that panics");
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        spawn_holding(&mut tasks, Slot::take(&state, &b), async {
+            let _ = rx.await;
+        });
+        let done = tasks.join_next().await.unwrap();
+        assert!(done.unwrap_err().is_panic());
+        {
+            let st = lock(&state);
+            assert_eq!(
+                st.per_host.get("a.example"),
+                Some(&1),
+                "only b holds a slot"
+            );
+            assert!(!st.claims.contains_key(&a.id) && st.claims.contains_key(&b.id));
+        }
+        let _ = tx.send(());
+        tasks.join_next().await.unwrap().unwrap();
+        let st = lock(&state);
+        assert!(st.per_host.is_empty() && st.claims.is_empty(), "{st:?}");
+    }
+
+    #[test]
+    fn a_retry_delay_past_any_date_gives_up_instead_of_panicking() {
+        let now = OffsetDateTime::now_utc();
+        for d in [Duration::MAX, Duration::from_secs(u64::MAX / 4)] {
+            assert_eq!(after_attempt(1, Some(500), &[d], now), AfterAttempt::Failed);
+        }
+        let AfterAttempt::RetryAt(at) = after_attempt(1, None, &[Duration::from_secs(10)], now)
+        else {
+            panic!("a 10 s delay is a retry");
+        };
+        assert!(at >= now + Duration::from_secs(8) && at <= now + Duration::from_secs(12));
+        assert_eq!(
+            after_attempt(i32::MIN, None, &[Duration::from_secs(1)], now),
+            AfterAttempt::Failed
+        );
     }
 
     #[test]

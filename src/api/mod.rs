@@ -37,6 +37,8 @@ pub struct AppState {
     /// `webhook.allowed_ports`: the only ports a webhook URL may use (unless private targets are
     /// allowed).
     pub webhook_ports: Vec<u16>,
+    /// `GET /metrics` is served on the API port (`server.metrics_bind` is empty).
+    pub metrics_on_api_port: bool,
 }
 
 impl AppState {
@@ -48,6 +50,7 @@ impl AppState {
             db_deadline: settings.database.acquire_timeout + settings.database.query_timeout,
             allow_private_targets: settings.webhook.allow_private_targets,
             webhook_ports: settings.webhook.allowed_ports.clone(),
+            metrics_on_api_port: metrics_on_api_port(settings),
         }
     }
 }
@@ -135,6 +138,14 @@ pub async fn read_body(
     Ok(buf.freeze())
 }
 
+/// The path of the metrics route, which leaves the API port when `server.metrics_bind` is set.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// True when `serve` answers `GET /metrics` on its API port.
+pub fn metrics_on_api_port(settings: &Settings) -> bool {
+    settings.server.metrics_bind.trim().is_empty()
+}
+
 /// Every route of the API: path, method, handler. The single list both the server and the
 /// OpenAPI test read, so a route cannot exist undocumented (or the other way round).
 pub fn route_table() -> Vec<(&'static str, Method, Route)> {
@@ -146,7 +157,7 @@ pub fn route_table() -> Vec<(&'static str, Method, Route)> {
             web::get().to(openapi::document),
         ),
         (
-            "/metrics",
+            METRICS_PATH,
             Method::GET,
             web::get().to(crate::metrics::scrape),
         ),
@@ -180,8 +191,16 @@ pub fn route_table() -> Vec<(&'static str, Method, Route)> {
 
 /// Registers [`route_table`]. Unknown paths and wrong methods answer the JSON error shape too.
 pub fn routes(cfg: &mut web::ServiceConfig) {
+    routes_with(cfg, true)
+}
+
+/// [`routes`], with or without `GET /metrics` (off the API port when it has its own address).
+pub fn routes_with(cfg: &mut web::ServiceConfig, metrics: bool) {
     let mut resources: Vec<(&'static str, actix_web::Resource, Vec<Method>)> = Vec::new();
     for (path, method, route) in route_table() {
+        if path == METRICS_PATH && !metrics {
+            continue;
+        }
         match resources.iter_mut().find(|(p, _, _)| *p == path) {
             Some((_, r, methods)) => {
                 let taken = std::mem::replace(r, web::resource(path));

@@ -1,11 +1,11 @@
 //! `GET /openapi.json`: the OpenAPI 3.1 document, generated from the handlers' annotations and
 //! the DTOs themselves, so it cannot drift from the code (a test compares it with the routes).
 
-use actix_web::HttpResponse;
+use actix_web::{HttpResponse, web};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{health, payments, webhooks};
+use super::{AppState, METRICS_PATH, health, payments, webhooks};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -56,6 +56,11 @@ impl Modify for ApiKeyAuth {
     tag = "operations",
     responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json"))
 )]
-pub async fn document() -> HttpResponse {
-    HttpResponse::Ok().json(ApiDoc::openapi())
+pub async fn document(state: web::Data<AppState>) -> HttpResponse {
+    let mut doc = ApiDoc::openapi();
+    // The document describes what this port serves.
+    if !state.metrics_on_api_port {
+        doc.paths.paths.remove(METRICS_PATH);
+    }
+    HttpResponse::Ok().json(doc)
 }

@@ -1,6 +1,7 @@
 //! `GET /api/v1/payments/{id}/webhook-attempts` and `POST /api/v1/payments/{id}/webhook/resend`.
 
 use actix_web::{HttpRequest, HttpResponse, web};
+use diesel_async::AsyncConnection;
 use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -102,7 +103,8 @@ pub async fn attempts(
 ///
 /// Schedules the payment's webhook again, now: for a merchant whose endpoint was down past the
 /// retry schedule. A delivery still pending is made due now; otherwise a new delivery is written
-/// with the same `webhook-id` as the last one (it is the same event) and a fresh schedule.
+/// with the same `webhook-id` as the last one (it is the same event) and a fresh schedule. A
+/// payment has at most one pending delivery: racing resends answer the same one.
 #[utoipa::path(
     post,
     path = "/api/v1/payments/{id}/webhook/resend",
@@ -126,37 +128,43 @@ pub async fn resend(
     let id = payment_id(path)?;
     let outcome = db::with_timeout(state.db_deadline, async {
         let mut conn = db::conn(&state.pool).await?;
-        let Some(p) = payments_db::find_for_merchant(&mut conn, id, &merchant).await? else {
-            return Ok(Err(ApiError::NotFound("payment")));
-        };
-        if p.webhook_url.is_none() {
-            return Ok(Err(ApiError::Conflict(
-                "no_webhook_url",
-                "this payment was created without a webhook_url".into(),
-            )));
-        }
-        if p.status == "pending" {
-            return Ok(Err(ApiError::Conflict(
-                "payment_not_final",
-                "the payment is still pending; its webhook is sent once it is final".into(),
-            )));
-        }
-        let latest = webhooks_db::latest_for_payment(&mut conn, id).await?;
-        if let Some(d) = &latest
-            && d.status == "pending"
-            && let Some(d) = webhooks_db::make_due_now(&mut conn, d.id).await?
-        {
-            return Ok(Ok((d.id, d.message_id)));
-        }
-        let message_id = latest.as_ref().map(|d| d.message_id.as_str());
-        let Some(delivery_id) = webhook::schedule(&mut conn, &p, message_id).await? else {
-            return Err(DbError::Other(anyhow::anyhow!(
-                "payment {id} has a webhook_url but no delivery was written"
-            )));
-        };
-        let written = webhooks_db::latest_for_payment(&mut conn, id).await?;
-        let webhook_id = written.map(|d| d.message_id).unwrap_or_default();
-        Ok(Ok((delivery_id, webhook_id)))
+        // One transaction, and one resend of a payment at a time: two racing resends make one
+        // delivery (the second finds it pending and makes it due), never two.
+        conn.transaction::<_, DbError, _>(async |c| {
+            let Some(p) = payments_db::find_for_merchant(c, id, &merchant).await? else {
+                return Ok(Err(ApiError::NotFound("payment")));
+            };
+            if p.webhook_url.is_none() {
+                return Ok(Err(ApiError::Conflict(
+                    "no_webhook_url",
+                    "this payment was created without a webhook_url".into(),
+                )));
+            }
+            if p.status == "pending" {
+                return Ok(Err(ApiError::Conflict(
+                    "payment_not_final",
+                    "the payment is still pending; its webhook is sent once it is final".into(),
+                )));
+            }
+            webhooks_db::lock_payment_deliveries(c, id).await?;
+            let latest = webhooks_db::latest_for_payment(c, id).await?;
+            if let Some(d) = &latest
+                && d.status == "pending"
+                && let Some(d) = webhooks_db::make_due_now(c, d.id).await?
+            {
+                return Ok(Ok((d.id, d.message_id)));
+            }
+            let message_id = latest.as_ref().map(|d| d.message_id.as_str());
+            let Some(delivery_id) = webhook::schedule(c, &p, message_id).await? else {
+                return Err(DbError::Other(anyhow::anyhow!(
+                    "payment {id} has a webhook_url but no delivery was written"
+                )));
+            };
+            let written = webhooks_db::latest_for_payment(c, id).await?;
+            let webhook_id = written.map(|d| d.message_id).unwrap_or_default();
+            Ok(Ok((delivery_id, webhook_id)))
+        })
+        .await
     })
     .await?;
     let (delivery_id, webhook_id) = outcome?;

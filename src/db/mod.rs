@@ -67,27 +67,55 @@ impl From<PoolError> for DbError {
     }
 }
 
-/// True for errors that mean the connection or the server is gone, not that the query is wrong.
+/// How PostgreSQL begins the primary message of each error in SQLSTATE classes 08 (connection
+/// exception), 53 (insufficient resources) and 57P0x (operator intervention: shutdown, crash,
+/// restart), with the codes they stand for. diesel-async reports these errors as
+/// `DatabaseErrorKind::Unknown` and keeps the SQLSTATE to itself (diesel 2.3's
+/// `DatabaseErrorInformation` has no accessor for it; diesel-rs/diesel#5232 proposes one), so the
+/// message is all that is left: matched from its first character, so that a value a message
+/// quotes (`invalid input syntax for type uuid: "connection…"`) can never match. Assumes the
+/// server writes its messages in English (`lc_messages` C or en, the default); in another
+/// language these count as bugs, and the next query on the dead connection as an outage.
+const OUTAGE_MESSAGES: &[(&str, &str)] = &[
+    // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P05 idle_session_timeout (and 25P03, 08P01
+    // when the server gives up on a session): the server ends the session.
+    ("57P01 57P02 57P05", "terminating connection "),
+    // 57P03 cannot_connect_now: starting up, shutting down, in recovery.
+    ("57P03", "the database system is "),
+    ("53300", "sorry, too many clients already"),
+    ("53300", "remaining connection slots are reserved"),
+    ("53300", "too many connections for "),
+    ("53200", "out of memory"),
+    ("53100", "could not extend file "),
+];
+
+/// True for errors that mean the connection or the server is gone or out of resources (wait and
+/// retry), false for errors of the statement itself (a bug or bad data: retrying cannot help).
+/// Decided by diesel's error kind, and for the errors diesel-async gives no kind by the
+/// SQLSTATE's message ([`OUTAGE_MESSAGES`]); never by a word anywhere in the text.
 pub fn is_connection_error(e: &DieselError) -> bool {
-    match e {
-        DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _)
-        | DieselError::DatabaseError(DatabaseErrorKind::UnableToSendCommand, _) => true,
-        DieselError::DatabaseError(DatabaseErrorKind::Unknown, info) => {
-            // SQLSTATE classes 08 (connection), 53 (resources) and 57P0x (shutdown, restart)
-            // reach us only as text.
+    let DieselError::DatabaseError(kind, info) = e else {
+        return false;
+    };
+    match kind {
+        // No answer from the server at all (diesel-async: an error without a SQLSTATE).
+        DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand => true,
+        // The statement's own fault, whatever the message says.
+        DatabaseErrorKind::UniqueViolation
+        | DatabaseErrorKind::ForeignKeyViolation
+        | DatabaseErrorKind::NotNullViolation
+        | DatabaseErrorKind::CheckViolation
+        | DatabaseErrorKind::RestrictViolation
+        | DatabaseErrorKind::ExclusionViolation
+        | DatabaseErrorKind::SerializationFailure
+        | DatabaseErrorKind::ReadOnlyTransaction => false,
+        // An error the server sent whose SQLSTATE diesel-async did not map to a kind.
+        _ => {
             let m = info.message();
-            [
-                "terminating connection",
-                "the database system is",
-                "too many clients",
-                "remaining connection slots",
-                "connection",
-                "server closed",
-            ]
-            .iter()
-            .any(|needle| m.contains(needle))
+            OUTAGE_MESSAGES
+                .iter()
+                .any(|(_, start)| m.starts_with(start))
         }
-        _ => false,
     }
 }
 
@@ -259,6 +287,90 @@ fn is_missing_database(error: &str, url: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn error(kind: DatabaseErrorKind, message: &str) -> DieselError {
+        DieselError::DatabaseError(kind, Box::new(message.to_string()))
+    }
+
+    #[test]
+    fn an_outage_is_recognised_by_kind_and_by_the_sqlstates_message() {
+        for e in [
+            error(DatabaseErrorKind::UnableToSendCommand, "connection closed"),
+            error(
+                DatabaseErrorKind::ClosedConnection,
+                "server closed the connection",
+            ),
+            // diesel-async gives these kind Unknown; their SQLSTATE in the comment.
+            // 57P01
+            error(
+                DatabaseErrorKind::Unknown,
+                "terminating connection due to administrator command",
+            ),
+            // 57P02
+            error(
+                DatabaseErrorKind::Unknown,
+                "terminating connection because of crash of another server process",
+            ),
+            // 57P03
+            error(
+                DatabaseErrorKind::Unknown,
+                "the database system is starting up",
+            ),
+            error(
+                DatabaseErrorKind::Unknown,
+                "the database system is in recovery mode",
+            ),
+            // 57P05
+            error(
+                DatabaseErrorKind::Unknown,
+                "terminating connection due to idle-session timeout",
+            ),
+            // 53300
+            error(
+                DatabaseErrorKind::Unknown,
+                "sorry, too many clients already",
+            ),
+            error(
+                DatabaseErrorKind::Unknown,
+                "remaining connection slots are reserved for roles with the SUPERUSER attribute",
+            ),
+            // 53200, 53100
+            error(DatabaseErrorKind::Unknown, "out of memory"),
+            error(
+                DatabaseErrorKind::Unknown,
+                "could not extend file \"base/16384/16385\": No space left on device",
+            ),
+        ] {
+            assert!(is_connection_error(&e), "{e}");
+            assert!(DbError::from(e).is_unavailable());
+        }
+    }
+
+    #[test]
+    fn a_statement_error_is_never_an_outage_whatever_its_words() {
+        for e in [
+            // 22P02, quoting a value: the old rule ("contains 'connection'") called this an outage.
+            error(
+                DatabaseErrorKind::Unknown,
+                "invalid input syntax for type uuid: \"connection refused\"",
+            ),
+            error(
+                DatabaseErrorKind::Unknown,
+                "relation \"the database system is starting up\" does not exist",
+            ),
+            error(
+                DatabaseErrorKind::UniqueViolation,
+                "terminating connection due to administrator command",
+            ),
+            error(DatabaseErrorKind::CheckViolation, "connection"),
+            error(DatabaseErrorKind::SerializationFailure, "too many clients"),
+            DieselError::NotFound,
+            DieselError::RollbackTransaction,
+        ] {
+            assert!(!is_connection_error(&e), "{e}");
+            assert!(!DbError::from(e).is_unavailable());
+        }
+    }
 
     #[test]
     fn a_missing_database_is_told_from_a_missing_role() {

@@ -62,7 +62,7 @@ pub async fn insert(conn: &mut AsyncPgConnection, d: &NewDelivery<'_>) -> QueryR
 /// more for each host (`room` minus what this sender already has in flight there, given as
 /// parallel arrays `hosts` / `in_flight`): counts the attempt and pushes `next_attempt_at` out by
 /// `lease`, so a sender that dies mid-attempt leaves the delivery due again once the lease has
-/// passed. Several senders share the work (SKIP LOCKED); candidates not chosen are only locked
+/// passed (a live sender renews it with [`renew_claims`] while the attempt runs). Several senders share the work (SKIP LOCKED); candidates not chosen are only locked
 /// for the statement.
 pub async fn claim_due(
     conn: &mut AsyncPgConnection,
@@ -99,6 +99,66 @@ pub async fn claim_due(
     .bind::<sql_types::Array<sql_types::Integer>, _>(in_flight)
     .load(conn)
     .await
+}
+
+/// A claim [`renew_claims`] pushed forward: the delivery and its new lease end.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Renewed {
+    #[diesel(sql_type = sql_types::Uuid)]
+    pub id: Uuid,
+    #[diesel(sql_type = sql_types::Timestamptz)]
+    pub next_attempt_at: OffsetDateTime,
+}
+
+/// Keeps claims alive while their attempts run (the sender's heartbeat): pushes
+/// `next_attempt_at` of each claimed delivery to now + `lease`. A claim is given as its delivery
+/// id, the attempt number it claimed and the lease end it last wrote (parallel arrays), and is
+/// renewed only while that lease end is still in the row: once the attempt is recorded (retry
+/// time written) or another sender took the delivery over, the row has moved on and is left
+/// alone. Returns the claims renewed, with their new lease ends.
+pub async fn renew_claims(
+    conn: &mut AsyncPgConnection,
+    ids: &[Uuid],
+    attempts: &[i32],
+    lease_ends: &[OffsetDateTime],
+    lease: std::time::Duration,
+) -> QueryResult<Vec<Renewed>> {
+    prepared::sql_query(
+        "UPDATE webhook_deliveries d \
+         SET next_attempt_at = now() + $4 * interval '1 millisecond' \
+         FROM unnest($1::uuid[], $2::int[], $3::timestamptz[]) AS c(id, attempts, lease_end) \
+         WHERE d.id = c.id AND d.attempts = c.attempts AND d.next_attempt_at = c.lease_end \
+           AND d.status = 'pending' \
+         RETURNING d.id, d.next_attempt_at",
+    )
+    .bind::<sql_types::Array<sql_types::Uuid>, _>(ids)
+    .bind::<sql_types::Array<sql_types::Integer>, _>(attempts)
+    .bind::<sql_types::Array<sql_types::Timestamptz>, _>(lease_ends)
+    .bind::<sql_types::BigInt, _>(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
+    .load(conn)
+    .await
+}
+
+/// First key of the advisory locks on a payment's deliveries (the two-key form, whose key space
+/// does not overlap the one-key form of the migration lock); spells "whk1".
+const DELIVERIES_LOCK_CLASS: i32 = 0x7768_6b31;
+
+/// Takes a transaction-level lock on the deliveries of one payment, so that deciding whether to
+/// write a new delivery (a resend) happens for one request at a time: the next waits, then sees
+/// what the first wrote. Call inside the caller's transaction; it is released at its end.
+pub async fn lock_payment_deliveries(
+    conn: &mut AsyncPgConnection,
+    payment_id: Uuid,
+) -> QueryResult<()> {
+    // Any 32 bits of the id do: two payments sharing a key only wait for each other.
+    let v = payment_id.as_u128();
+    let key = (v as u32 ^ (v >> 32) as u32 ^ (v >> 64) as u32 ^ (v >> 96) as u32) as i32;
+    prepared::sql_query("SELECT pg_advisory_xact_lock($1, $2)")
+        .bind::<sql_types::Integer, _>(DELIVERIES_LOCK_CLASS)
+        .bind::<sql_types::Integer, _>(key)
+        .execute(conn)
+        .await
+        .map(|_| ())
 }
 
 /// The newest delivery of a payment, if any.

@@ -57,8 +57,9 @@ pub enum Disposition {
     Retry(String),
     /// Give up: reject without requeue, so it goes to the dead-letter queue.
     DeadLetter(String),
-    /// Leave it unsettled: closing the channel hands it back without counting a delivery
-    /// (used when stopping).
+    /// Leave it unsettled: closing the channel hands it back, at once and without a backoff
+    /// (used when stopping). RabbitMQ counts the hand-back as one delivery toward the limit
+    /// (seen on 3.10: `pipeline::stopping_during_a_database_outage_hands_the_message_back_…`).
     Release,
 }
 

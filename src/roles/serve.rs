@@ -8,7 +8,8 @@
 //! committed together and the relay moves the event. While the database is down,
 //! requests answer 503 after at most `database.acquire_timeout` + `database.query_timeout`, and
 //! the pool reconnects by itself when the database is back. `GET /metrics` serves the Prometheus
-//! metrics of this process ([`crate::metrics`]).
+//! metrics of this process ([`crate::metrics`]), on the API port or, with `server.metrics_bind`
+//! set, only on that address (with a one-connection pool of its own for the outbox gauges).
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -26,6 +27,9 @@ use crate::{db, metrics};
 pub struct Started {
     pub server: actix_web::dev::Server,
     pub addr: SocketAddr,
+    /// `/metrics` on its own address (`server.metrics_bind`), already running; stop it after
+    /// the server.
+    pub metrics: Option<metrics::Exporter>,
 }
 
 /// Binds `server.bind`. The demo merchant's API key is published (config.example.toml, the
@@ -91,6 +95,17 @@ pub fn start_on(settings: &Settings, listener: TcpListener) -> anyhow::Result<St
     let next = Arc::new(AtomicUsize::new(0));
     let app_settings = settings.clone();
     let addr = listener.local_addr()?;
+    let metrics_on_api_port = api::metrics_on_api_port(settings);
+    let exporter = if metrics_on_api_port {
+        None
+    } else {
+        // One connection is plenty for a scrape every few seconds, and keeps scrapes from
+        // taking connections from requests.
+        let mut scrape = settings.database.clone();
+        scrape.pool_size = 1;
+        metrics::serve(&settings.server.metrics_bind, Some(db::pool(&scrape)?))
+            .context("server.metrics_bind")?
+    };
     let server = HttpServer::new(move || {
         let n = next.fetch_add(1, Ordering::Relaxed);
         let state = match states.get(n) {
@@ -112,7 +127,7 @@ pub fn start_on(settings: &Settings, listener: TcpListener) -> anyhow::Result<St
             .wrap(Logger::new(r#"%a "%r" %s %b %Dms req=%{x-request-id}o"#))
             // Outermost: counts every request, labelled with its matched route pattern.
             .wrap(from_fn(metrics::track_http))
-            .configure(api::routes)
+            .configure(|cfg| api::routes_with(cfg, metrics_on_api_port))
     })
     .shutdown_timeout(settings.server.shutdown_timeout.as_secs().max(1))
     .workers(workers)
@@ -120,6 +135,7 @@ pub fn start_on(settings: &Settings, listener: TcpListener) -> anyhow::Result<St
     Ok(Started {
         server: server.run(),
         addr,
+        metrics: exporter,
     })
 }
 
@@ -137,5 +153,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     let started = start_on(&settings, listener)?;
     log::info!("serving the API on http://{}", started.addr);
-    started.server.await.context("the HTTP server failed")
+    let served = started.server.await.context("the HTTP server failed");
+    if let Some(exporter) = started.metrics {
+        exporter.stop().await;
+    }
+    served
 }

@@ -13,7 +13,6 @@ use diesel_async::{AsyncConnection, AsyncPgConnection};
 use serde_json::json;
 
 use crate::helpers::*;
-use crate::metrics::value;
 use crate::pipeline::{CountingGateway, Roles, fast};
 use crate::receiver::Receiver;
 
@@ -138,7 +137,7 @@ async fn a_dead_letter_is_listed_replayed_and_its_payment_finalised() {
 #[tokio::test(flavor = "multi_thread")]
 async fn replaying_a_final_payments_dead_letter_changes_nothing() {
     let db = TestDb::new().await;
-    let (s, _broker) = fast(&db);
+    let (s, broker) = fast(&db);
     let app = TestApp::spawn_with(db, s.clone());
     let receiver = Receiver::start().await;
     let gateway = CountingGateway::new(Duration::ZERO, false);
@@ -170,25 +169,36 @@ async fn replaying_a_final_payments_dead_letter_changes_nothing() {
                      convert_to('{{\"payment_id\": \"{id}\"}}', 'UTF8'))"
         ))
         .unwrap();
-    let duplicates = r#"async_pay_consumer_messages_total{outcome="already_final"}"#;
-    let before = value(&async_pay::metrics::get().render(false), duplicates);
     let mut conn = connect(&app.db.url).await;
     let rows = dead_letters::summaries(&mut conn, 10).await.unwrap();
     assert!(matches!(
         dlq::replay_one(&mut conn, rows[0].id).await.unwrap(),
         Replay::Replayed { .. }
     ));
-    // The consumer (in this process) gets the replayed message and acks it as a duplicate.
+    // The relay publishes the replay and the consumer takes it off the queue.
     eventually(
         Duration::from_secs(15),
-        "the replay to be acked as a duplicate",
+        "the replay to be published and taken",
         || async {
-            let now = value(&async_pay::metrics::get().render(false), duplicates);
-            (now > before).then_some(())
+            let unpublished = app
+                .db
+                .count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL");
+            (unpublished == 0 && broker.depth(&s.amqp.queue).await == 0).then_some(())
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stopping the consumer settles what it holds: a message still unfinished would go back to
+    // the queue. Empty queues after the stop: the replay was acked, not handed back or
+    // dead-lettered.
+    roles.stop().await;
+    assert_eq!(
+        (
+            broker.depth(&s.amqp.queue).await,
+            broker.depth(&s.amqp.dead_letter_queue).await
+        ),
+        (0, 0),
+        "the replay was acked"
+    );
     assert_eq!(
         app.get_payment(KEY_A, &id).await.json,
         final_state,
@@ -210,7 +220,6 @@ async fn replaying_a_final_payments_dead_letter_changes_nothing() {
             .count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL"),
         0
     );
-    roles.stop().await;
 }
 
 fn cli(db: &TestDb, args: &[&str]) -> (Option<i32>, String, String) {
@@ -299,6 +308,116 @@ async fn the_dlq_commands_list_and_replay() {
     // Neither an id nor --all: a usage error.
     let (code, _, err) = run(&["dlq", "replay"]).await;
     assert_eq!(code, Some(2), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_watch_records_a_dead_letter_delivered_twice_once() {
+    let db = TestDb::new().await;
+    let (s, broker) = fast(&db);
+    let body = json!({"payment_id": uuid::Uuid::new_v4()})
+        .to_string()
+        .into_bytes();
+    // The same dead letter twice (as after a dlq-watch that died between its insert and its
+    // ack), then another one.
+    crate::backstop::dead_letter(
+        &broker,
+        &[
+            ("twice", body.clone()),
+            ("twice", body.clone()),
+            ("after", body),
+        ],
+    )
+    .await;
+    let mut roles = Roles::new();
+    roles.dlq_watch(&s);
+    // dlq-watch records one message at a time, in queue order: once the last is recorded, both
+    // copies were handled.
+    eventually(Duration::from_secs(15), "the last dead letter", || async {
+        (db.count("SELECT count(*) AS n FROM dead_letters WHERE message_id = 'after'") == 1)
+            .then_some(())
+    })
+    .await;
+    roles.stop().await;
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM dead_letters WHERE message_id = 'twice'"),
+        1,
+        "one row for the message delivered twice"
+    );
+    assert_eq!(
+        broker.depth(&s.amqp.dead_letter_queue).await,
+        0,
+        "and both copies acked"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_concurrent_replays_of_one_dead_letter_write_one_outbox_event() {
+    use diesel_async::SimpleAsyncConnection;
+    let db = TestDb::new().await;
+    let p = uuid::Uuid::new_v4();
+    db.exec(&format!(
+        "INSERT INTO dead_letters (message_id, payment_id, reason, death_count, body) VALUES \
+         ('a', '{p}', 'rejected', 1, convert_to('{{\"payment_id\": \"{p}\"}}', 'UTF8'))"
+    ))
+    .unwrap();
+    // Hold the row until both commands wait on a lock, so they truly race.
+    let mut gate = connect(&db.url).await;
+    gate.batch_execute("BEGIN; SELECT * FROM dead_letters WHERE id = 1 FOR UPDATE")
+        .await
+        .unwrap();
+    let replays: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_async-pay"))
+                .args(["dlq", "replay", "1"])
+                .env("DATABASE_URL", &db.url)
+                .env("RUST_LOG", "warn")
+                .kill_on_drop(true)
+                .output()
+        })
+        .collect();
+    let replays = tokio::spawn(futures_util::future::join_all(replays));
+    eventually(
+        Duration::from_secs(20),
+        "both replays to wait on a lock",
+        || async {
+            let waiting = db.count(
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            );
+            (waiting == 2).then_some(())
+        },
+    )
+    .await;
+    gate.batch_execute("COMMIT").await.unwrap();
+    let outs: Vec<String> = replays
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| {
+            let o = o.unwrap();
+            assert_eq!(o.status.code(), Some(0), "{o:?}");
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        })
+        .collect();
+    assert_eq!(
+        db.count("SELECT count(*) AS n FROM outbox"),
+        1,
+        "one outbox event: {outs:?}"
+    );
+    assert_eq!(
+        outs.iter()
+            .filter(|o| o.contains("dead letter 1: replayed as outbox event"))
+            .count(),
+        1,
+        "{outs:?}"
+    );
+    assert_eq!(
+        outs.iter()
+            .filter(|o| o.contains("dead letter 1: already replayed at"))
+            .count(),
+        1,
+        "{outs:?}"
+    );
 }
 
 /// Publishes one message straight to the test's dead-letter queue (as RabbitMQ would).

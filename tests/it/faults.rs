@@ -1,10 +1,11 @@
 //! Fault injection on the real binary: each scenario breaks something on purpose and then
 //! counts that nothing accepted was lost (see `Stack::assert_nothing_lost`).
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use crate::helpers::*;
-use crate::receiver::Receiver;
+use crate::receiver::{Receiver, Reply};
 use crate::stack::{DB_PASSWORD, Stack};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -144,17 +145,7 @@ async fn consume_killed_with_200_payments_in_flight() {
     // Queue all 200 first, then start the consumer: it takes them all at once.
     let (accepted, _) = tokio::task::block_in_place(|| s.pay_many("kill-consume", 200, 4));
     assert_eq!(accepted.len(), 200);
-    eventually(
-        Duration::from_secs(30),
-        "every event to be queued",
-        || async {
-            (s.db
-                .count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL")
-                == 0)
-                .then_some(())
-        },
-    )
-    .await;
+    s.wait_published(Duration::from_secs(30)).await;
     let consumer = s.start("consume");
     eventually(
         Duration::from_secs(30),
@@ -204,17 +195,7 @@ async fn relay_killed_mid_batch_then_restarted_publishes_every_event() {
         "killed before the end ({published} published)"
     );
     s.start("relay");
-    eventually(
-        Duration::from_secs(60),
-        "every event to be published",
-        || async {
-            (s.db
-                .count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL")
-                == 0)
-                .then_some(())
-        },
-    )
-    .await;
+    s.wait_published(Duration::from_secs(60)).await;
     let msgs = s.broker.drain(&s.broker.settings.queue).await;
     let ids: std::collections::HashSet<i64> =
         msgs.iter().filter_map(|(id, _)| id.parse().ok()).collect();
@@ -295,14 +276,18 @@ async fn webhook_endpoint_down_for_the_first_part_of_the_schedule() {
         .await;
         accepted.push(r.json["payment_id"].as_str().unwrap().to_string());
     }
-    eventually(Duration::from_secs(20), "failed first attempts", || async {
-        (s.db
-            .count("SELECT count(*) AS n FROM webhook_attempts WHERE error IS NOT NULL")
-            >= 50)
-            .then_some(())
-    })
+    // "The first part of the schedule": the first two attempts of every webhook failed.
+    eventually(
+        Duration::from_secs(20),
+        "two failed attempts of each webhook",
+        || async {
+            (s.db.count(
+                "SELECT count(*) AS n FROM webhook_attempts WHERE attempt = 2 AND error IS NOT NULL",
+            ) == 50)
+                .then_some(())
+        },
+    )
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     // The endpoint comes back on the same port.
     s.receiver = Receiver::start_on(&format!("127.0.0.1:{port}")).await;
     s.assert_nothing_lost(&accepted, 0, Duration::from_secs(30))
@@ -436,4 +421,158 @@ async fn secrets_never_appear_in_the_logs_of_a_full_run() {
     }
     let b64 = SECRET_A.trim_start_matches("whsec_");
     assert!(!logs.contains(b64));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn webhooks_in_flight_when_consume_is_killed_are_sent_again_within_the_timeout() {
+    let timeout = Duration::from_secs(3);
+    let mut s = Stack::new(&[("ASYNC_PAY__WEBHOOK__TIMEOUT", "3s")]).await;
+    // Every attempt hangs at the receiver until the sender gives up on it.
+    s.receiver.set_default(Reply::Hang);
+    for role in ["serve", "relay"] {
+        s.start(role);
+    }
+    let consumer = s.start("consume");
+    s.wait_healthy().await;
+    let (accepted, _) = tokio::task::block_in_place(|| s.pay_many("hung", 20, 2));
+    assert_eq!(accepted.len(), 20);
+    eventually(
+        Duration::from_secs(30),
+        "an attempt of every webhook to hang at the receiver",
+        || async {
+            let ids: HashSet<String> = s
+                .receiver
+                .received()
+                .iter()
+                .map(|r| r.headers["webhook-id"].clone())
+                .collect();
+            (ids.len() == 20).then_some(())
+        },
+    )
+    .await;
+    // The sender dies with all 20 attempts in flight; the endpoint answers from now on.
+    s.proc(consumer).kill9();
+    let killed = Instant::now();
+    s.receiver.set_default(Reply::Status(200));
+    let before = s.receiver.received().len();
+    s.start("consume");
+    eventually(
+        timeout + Duration::from_secs(10),
+        "every webhook to be sent again by the new consumer",
+        || async {
+            let again: HashSet<String> = s.receiver.received()[before..]
+                .iter()
+                .map(|r| r.headers["webhook-id"].clone())
+                .collect();
+            (again.len() == 20).then_some(())
+        },
+    )
+    .await;
+    eprintln!("sent again {:?} after the kill", killed.elapsed());
+    s.assert_nothing_lost(&accepted, 0, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        s.db.count("SELECT count(*) AS n FROM webhook_deliveries WHERE status = 'delivered'"),
+        20,
+        "each delivery id arrived and was recorded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_outage_is_waited_out_without_growing_the_delivery_count() {
+    let mut s = Stack::new(&[]).await;
+    s.start("serve");
+    s.start("relay");
+    s.wait_healthy().await;
+    let (status, id) = s.pay("outage").await;
+    assert_eq!(status, 202);
+    let id = id.unwrap();
+    s.wait_published(Duration::from_secs(20)).await;
+    s.pg.cut();
+    let consumer = s.start("consume");
+    // The consumer takes the message and keeps trying to claim the payment: four tries are
+    // 1 + 2 + 4 s of backoff, long enough for a consumer that requeued on each failure to have
+    // used up the delivery limit (3) and dead-lettered it.
+    eventually(
+        Duration::from_secs(30),
+        "four tries to claim the payment",
+        || async {
+            let tries = s
+                .all_logs()
+                .lines()
+                .filter(|l| {
+                    l.contains(&id)
+                        && l.contains("database unavailable while trying to claim the payment")
+                })
+                .count();
+            (tries >= 4).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        s.broker.depth(&s.broker.settings.queue).await,
+        0,
+        "held by the consumer all along"
+    );
+    // The consumer dies; what the broker counted is on the message it hands back.
+    s.proc(consumer).kill9();
+    eventually(Duration::from_secs(10), "the message back", || async {
+        (s.broker.depth(&s.broker.settings.queue).await == 1).then_some(())
+    })
+    .await;
+    let (_, count) = crate::backstop::get_one(&s.broker, &s.broker.settings.queue, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        count,
+        Some(1),
+        "one delivery counted: the kill's hand-back; the outage added none"
+    );
+    assert_eq!(
+        s.broker.depth(&s.broker.settings.dead_letter_queue).await,
+        0
+    );
+    // Once the database is back, a new consumer finishes it (reading it counted a delivery too:
+    // this one is the third, still within the limit).
+    s.pg.restore();
+    s.start("consume");
+    s.assert_nothing_lost(&[id], 0, Duration::from_secs(30))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_once_exits_1_when_the_database_is_unreachable() {
+    let db = TestDb::new().await;
+    let pg = crate::proxy::Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    pg.cut();
+    let mut through_cut_proxy = url::Url::parse(&db.url).unwrap();
+    through_cut_proxy.set_port(Some(pg.addr.port())).unwrap();
+    through_cut_proxy.set_password(Some(DB_PASSWORD)).unwrap();
+    // Nothing listens on port 1; the cut proxy accepts and drops at once.
+    for url in [
+        format!("postgres://postgres:{DB_PASSWORD}@127.0.0.1:1/x"),
+        through_cut_proxy.to_string(),
+    ] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_async-pay"))
+            .args(["relay", "--once"])
+            .env("DATABASE_URL", &url)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(Duration::from_secs(60), out)
+            .await
+            .expect("relay --once ends by itself")
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{url}: {err}");
+        assert!(err.contains("database"), "{err}");
+        assert!(
+            !err.contains(DB_PASSWORD),
+            "the password is not printed: {err}"
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).is_empty(),
+            "no 'published' line"
+        );
+    }
 }

@@ -8,7 +8,9 @@
 )]
 
 mod api;
+mod backstop;
 mod broker;
+mod db_errors;
 mod dev;
 mod dlq;
 mod faults;

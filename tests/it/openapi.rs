@@ -177,3 +177,39 @@ async fn the_list_pages_newest_first_and_is_stable_under_inserts() {
     let r = request("GET", &app.url("/api/v1/payments"), &[], None).await;
     assert_eq!(r.status, 401);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_can_move_its_metrics_off_the_api_port() {
+    let db = TestDb::new().await;
+    let mut s = settings(&db.url);
+    s.server.metrics_bind = "127.0.0.1:0".into();
+    let started = async_pay::roles::serve::start(&s).unwrap();
+    let metrics = started.metrics.as_ref().expect("metrics served apart").addr;
+    tokio::spawn(started.server);
+    let api = format!("http://{}", started.addr);
+    let on_api = request("GET", &format!("{api}/metrics"), &[], None).await;
+    assert_eq!(
+        (on_api.status, on_api.code()),
+        (404, "not_found"),
+        "not on the API port: {}",
+        on_api.text
+    );
+    let doc = request("GET", &format!("{api}/openapi.json"), &[], None).await;
+    assert!(doc.json["paths"]["/api/v1/payments"].is_object());
+    assert!(
+        doc.json["paths"]["/metrics"].is_null(),
+        "the document lists only what the API port serves"
+    );
+    // The API's own requests show on the metrics address, with the outbox gauges.
+    let scraped = request("GET", &format!("http://{metrics}/metrics"), &[], None).await;
+    assert_eq!(scraped.status, 200);
+    assert!(
+        scraped.text.contains(
+            r#"async_pay_http_requests_total{method="GET",route="/openapi.json",status="200"}"#
+        ),
+        "{}",
+        scraped.text
+    );
+    assert!(scraped.text.contains("async_pay_outbox_unpublished 0"));
+    drop(db);
+}

@@ -191,15 +191,22 @@ async fn a_posted_payment_is_finalised_once_and_its_webhook_signed() {
     );
 
     // One webhook per payment, signed with merchant A's secret, same values as GET.
-    let got = eventually(Duration::from_secs(10), "20 webhooks", || async {
-        let r = receiver.received();
-        (r.len() >= 20).then_some(r)
+    let got = eventually(Duration::from_secs(10), "20 webhooks delivered", || async {
+        let delivered = app
+            .db
+            .count("SELECT count(*) AS n FROM webhook_deliveries WHERE status = 'delivered'");
+        (delivered == 20).then(|| receiver.received())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every POST is claimed (counted) in the database first, and a delivered row is never
+    // claimed again: these are all the POSTs there will be.
     assert_eq!(
-        receiver.received().len(),
-        20,
+        (
+            app.db
+                .count("SELECT coalesce(sum(attempts), 0)::bigint AS n FROM webhook_deliveries"),
+            got.len()
+        ),
+        (20, 20),
         "exactly one delivery per payment"
     );
     let key = async_pay::webhook::secret_key(&async_pay::config::Secret::new(SECRET_A)).unwrap();
@@ -360,8 +367,12 @@ async fn an_unroutable_publish_leaves_the_row_unpublished() {
     )
     .await
     .unwrap();
-    let r = relay::drain_once(&mut c, &gone, 10).await;
-    assert!(r.map(|d| d.published).unwrap_or(0) == 0);
+    let d = relay::drain_once(&mut c, &gone, 10).await.unwrap();
+    assert_eq!(
+        (d.claimed, d.published),
+        (1, 0),
+        "the channel closed under the publish: claimed, not confirmed"
+    );
     assert_eq!(
         db.count("SELECT count(*) AS n FROM outbox WHERE published_at IS NULL"),
         1
@@ -667,42 +678,55 @@ async fn the_relay_deletes_published_events_past_retention_only() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn stopping_during_a_database_outage_hands_the_message_back_uncounted() {
+async fn stopping_during_a_database_outage_hands_the_message_back_neither_retried_nor_dead_lettered()
+ {
     let db = TestDb::new().await;
-    let (mut s, _broker) = fast(&db);
+    let (mut s, broker) = fast(&db);
     let proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let mut url = url::Url::parse(&db.url).unwrap();
     url.set_port(Some(proxy.addr.port())).unwrap();
     s.database.url = async_pay::config::Secret::new(url.as_str());
     proxy.cut();
-    let shutdown = Shutdown::new();
-    let pool = async_pay::db::pool(&s.database).unwrap();
-    let p = Processor::new(
-        &s,
-        pool,
-        CountingGateway::new(Duration::ZERO, false),
-        shutdown.clone(),
-    );
+    // A message on its last allowed delivery: were the outage counted as a failure now, the
+    // consumer would dead-letter it.
     let body = json!({"payment_id": uuid::Uuid::new_v4()}).to_string();
-    // The last allowed delivery: a failure now would dead-letter it.
-    let last = s.amqp.delivery_limit - 1;
-    let task = tokio::spawn({
-        let p = p.clone();
-        async move { handle_one(&p, body.as_bytes(), last, s.amqp.delivery_limit).await }
-    });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        !task.is_finished(),
-        "a database outage is waited out, not failed"
-    );
-    shutdown.trigger();
-    let d = tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .unwrap()
-        .unwrap();
+    crate::backstop::publish(&broker, "outage-at-last-delivery", body.into_bytes()).await;
+    let crashing = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    for _ in 1..s.amqp.delivery_limit {
+        crate::backstop::take_and_die(&broker, &crashing, Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+    let mut roles = Roles::new();
+    roles.consume(&s, CountingGateway::new(Duration::ZERO, false));
+    eventually(
+        Duration::from_secs(10),
+        "the consumer to hold it",
+        || async { (broker.depth(&s.amqp.queue).await == 0).then_some(()) },
+    )
+    .await;
+    let tried = proxy.refused();
+    eventually(
+        Duration::from_secs(15),
+        "the database to be tried again while the message is held",
+        || async { (proxy.refused() >= tried + 2).then_some(()) },
+    )
+    .await;
+    roles.stop().await;
+    // Handed back: ready again, not dead-lettered, and the broker counted exactly one more
+    // delivery (the hand-back itself; RabbitMQ counts every return) for the whole outage.
+    eventually(
+        Duration::from_secs(10),
+        "the message back in the queue",
+        || async { (broker.depth(&s.amqp.queue).await == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(broker.depth(&s.amqp.dead_letter_queue).await, 0);
     assert_eq!(
-        d,
-        Disposition::Release,
-        "not retried, not dead-lettered: handed back as it was"
+        crate::backstop::get_one(&broker, &s.amqp.queue, true).await,
+        Some((
+            "outage-at-last-delivery".to_string(),
+            Some(i64::from(s.amqp.delivery_limit))
+        ))
     );
 }

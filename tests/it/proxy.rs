@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -11,6 +11,8 @@ use tokio::sync::watch;
 pub struct Proxy {
     pub addr: SocketAddr,
     up: Arc<AtomicBool>,
+    /// Connections refused while cut: how often clients tried to get through.
+    refused: Arc<AtomicUsize>,
     /// Bumped to make every open connection drop.
     generation: watch::Sender<u64>,
 }
@@ -21,14 +23,16 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(true));
+        let refused = Arc::new(AtomicUsize::new(0));
         let (generation, _) = watch::channel(0u64);
-        let (up2, gen2) = (up.clone(), generation.clone());
+        let (up2, gen2, refused2) = (up.clone(), generation.clone(), refused.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
                 if !up2.load(Ordering::SeqCst) {
+                    refused2.fetch_add(1, Ordering::SeqCst);
                     drop(client); // refused: closed at once
                     continue;
                 }
@@ -48,6 +52,7 @@ impl Proxy {
         Proxy {
             addr,
             up,
+            refused,
             generation,
         }
     }
@@ -56,6 +61,11 @@ impl Proxy {
     pub fn cut(&self) {
         self.up.store(false, Ordering::SeqCst);
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Connections refused so far (while cut).
+    pub fn refused(&self) -> usize {
+        self.refused.load(Ordering::SeqCst)
     }
 
     /// Accepts connections again.

@@ -30,6 +30,8 @@ pub enum Reply {
     StatusBody(u16, &'static [u8]),
     /// Never answer (the sender must cut it at its timeout).
     Hang,
+    /// Hold the request unanswered until [`Receiver::release_held`], then answer 200.
+    Hold,
 }
 
 #[derive(Default)]
@@ -38,6 +40,11 @@ struct State {
     /// Answers for the next requests, in order; then `default`.
     script: Vec<Reply>,
     default: Option<Reply>,
+    /// Requests received and not answered yet, and the most there ever were at once.
+    open: usize,
+    max_open: usize,
+    /// The requests being held ([`Reply::Hold`]).
+    held: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 #[derive(Clone)]
@@ -93,7 +100,7 @@ impl Receiver {
                     if r.read_exact(&mut body).await.is_err() {
                         return;
                     }
-                    let reply = {
+                    let (reply, release) = {
                         let mut s = st.lock().unwrap();
                         s.received.push(Received {
                             path,
@@ -101,14 +108,37 @@ impl Receiver {
                             body,
                             at: Instant::now(),
                         });
-                        if s.script.is_empty() {
+                        s.open += 1;
+                        s.max_open = s.max_open.max(s.open);
+                        let reply = if s.script.is_empty() {
                             s.default.unwrap_or(Reply::Status(200))
                         } else {
                             s.script.remove(0)
-                        }
+                        };
+                        let release = (reply == Reply::Hold).then(|| {
+                            let (tx, rx) = tokio::sync::oneshot::channel();
+                            s.held.push(tx);
+                            rx
+                        });
+                        (reply, release)
                     };
+                    if let Some(release) = release {
+                        let _ = release.await;
+                    }
+                    if reply != Reply::Hang {
+                        // Counted as answered before the answer leaves, so a client can never
+                        // see its answer while the request still counts as open.
+                        st.lock().unwrap().open -= 1;
+                    }
                     match reply {
                         Reply::Hang => tokio::time::sleep(Duration::from_secs(3600)).await,
+                        Reply::Hold => {
+                            let _ = w
+                                .write_all(
+                                    b"HTTP/1.1 200 X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                                )
+                                .await;
+                        }
                         Reply::Status(code) => {
                             let resp = format!(
                                 "HTTP/1.1 {code} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
@@ -145,5 +175,17 @@ impl Receiver {
 
     pub fn received(&self) -> Vec<Received> {
         self.state.lock().unwrap().received.clone()
+    }
+
+    /// Answers (200) every request held so far.
+    pub fn release_held(&self) {
+        for tx in self.state.lock().unwrap().held.drain(..) {
+            let _ = tx.send(());
+        }
+    }
+
+    /// The most requests that were ever open (received, not answered) at once.
+    pub fn max_open(&self) -> usize {
+        self.state.lock().unwrap().max_open
     }
 }

@@ -34,10 +34,38 @@ fn delivery_status(app: &TestApp, id: &str, status: &str) -> i64 {
     ))
 }
 
+/// Webhook POSTs made for a payment, as the database counts them: a sender claims a delivery
+/// (counting the attempt) before every POST, and never claims one that is no longer pending. So
+/// once its deliveries are delivered or failed, this is every POST there will ever be.
+fn attempts_made(app: &TestApp, id: &str) -> i64 {
+    app.db.count(&format!(
+        "SELECT coalesce(sum(attempts), 0)::bigint AS n FROM webhook_deliveries WHERE payment_id = '{id}'"
+    ))
+}
+
+/// Finalises a payment through a processor with no webhook sender running (as if the process
+/// died right after the commit).
+async fn finalise_with_no_sender(s: &async_pay::config::Settings, id: &str) {
+    let p = Processor::new(
+        s,
+        async_pay::db::pool(&s.database).unwrap(),
+        Arc::new(SimulatedGateway::new(&s.gateway)),
+        Shutdown::new(),
+    );
+    let body = json!({"payment_id": id}).to_string();
+    assert!(matches!(
+        handle_one(&p, body.as_bytes(), 0, s.amqp.delivery_limit).await,
+        Disposition::Ack(Handled::Processed(Outcome::Finalised(..)))
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_attempts_are_retried_on_the_schedule_and_recorded() {
     let db = TestDb::new().await;
-    let (s, _broker) = fast(&db);
+    let (mut s, _broker) = fast(&db);
+    // Two delays far enough apart that, jitter and polling included, each gap tells which one
+    // was used.
+    s.webhook.retry_delays = vec![Duration::from_millis(200), Duration::from_secs(1)];
     let app = TestApp::spawn_with(db, s.clone());
     let receiver = Receiver::start().await;
     receiver.script(&[Reply::Status(500), Reply::Status(503), Reply::Status(204)]);
@@ -56,21 +84,25 @@ async fn failed_attempts_are_retried_on_the_schedule_and_recorded() {
         || async { (delivery_status(&app, &id, "delivered") == 1).then_some(()) },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(receiver.received().len(), 3, "no attempt after success");
+    assert_eq!(
+        (attempts_made(&app, &id), receiver.received().len()),
+        (3, 3),
+        "three POSTs, and none will follow the success"
+    );
     assert!(got.iter().all(|r| r.path == "/hooks/a"));
     // One delivery id across retries, so the merchant can deduplicate.
     assert!(
         got.iter()
             .all(|r| r.headers["webhook-id"] == got[0].headers["webhook-id"])
     );
-    // The gaps follow retry_delays (200ms, 400ms) with at most 20 % jitter either way.
+    // The gaps follow retry_delays in order (200 ms, then 1 s), each at least its delay less
+    // 20 % jitter; the second is the longer one.
     let gap1 = got[1].at - got[0].at;
     let gap2 = got[2].at - got[1].at;
     assert!(gap1 >= Duration::from_millis(160), "{gap1:?}");
-    assert!(gap2 >= Duration::from_millis(320), "{gap2:?}");
+    assert!(gap2 >= Duration::from_millis(800), "{gap2:?}");
     assert!(
-        gap2 > gap1 / 2,
+        gap2 > gap1,
         "the second delay is the longer one: {gap1:?} then {gap2:?}"
     );
 
@@ -114,11 +146,14 @@ async fn gone_stops_retrying_and_an_exhausted_schedule_fails() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(gone.received().len(), 1, "410 Gone is not retried");
     assert_eq!(
-        broken.received().len(),
-        3,
+        (attempts_made(&app, &a), gone.received().len()),
+        (1, 1),
+        "410 Gone is not retried"
+    );
+    assert_eq!(
+        (attempts_made(&app, &b), broken.received().len()),
+        (3, 3),
         "1 + len(retry_delays) attempts, then given up"
     );
     roles.stop().await;
@@ -170,26 +205,15 @@ async fn a_webhook_due_when_the_process_stopped_is_delivered_after_restart() {
         .await;
     let id = r.json["payment_id"].as_str().unwrap().to_string();
     // Finalise without any sender running: the process "dies" right after the commit.
-    let pool = async_pay::db::pool(&s.database).unwrap();
-    let p = Processor::new(
-        &s,
-        pool,
-        Arc::new(SimulatedGateway::new(&s.gateway)),
-        Shutdown::new(),
-    );
-    let body = json!({"payment_id": id}).to_string();
-    assert!(matches!(
-        handle_one(&p, body.as_bytes(), 0, s.amqp.delivery_limit).await,
-        Disposition::Ack(Handled::Processed(Outcome::Finalised(..)))
-    ));
-    drop(p);
+    finalise_with_no_sender(&s, &id).await;
     assert_eq!(
-        delivery_status(&app, &id, "pending"),
-        1,
-        "the intent to deliver was committed with the status"
+        (
+            delivery_status(&app, &id, "pending"),
+            attempts_made(&app, &id)
+        ),
+        (1, 0),
+        "the intent to deliver was committed with the status, and nothing was sent yet"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(receiver.received().is_empty());
 
     // "Restart": a consumer process comes up and delivers it.
     let mut roles = Roles::new();
@@ -204,6 +228,15 @@ async fn a_webhook_due_when_the_process_stopped_is_delivered_after_restart() {
     )
     .await;
     assert_eq!(got[0].json()["payment_id"], id.as_str());
+    eventually(Duration::from_secs(10), "the delivery recorded", || async {
+        (delivery_status(&app, &id, "delivered") == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        (attempts_made(&app, &id), receiver.received().len()),
+        (1, 1),
+        "sent once after the restart"
+    );
     roles.stop().await;
 }
 
@@ -688,10 +721,9 @@ async fn a_binary_response_body_is_recorded_and_the_delivery_completes() {
         || async { (delivery_status(&app, &id, "delivered") == 1).then_some(()) },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        receiver.received().len(),
-        1,
+        (attempts_made(&app, &id), receiver.received().len()),
+        (1, 1),
         "sent once, not again and again"
     );
     let stored = app.db.count(&format!(
@@ -699,5 +731,208 @@ async fn a_binary_response_body_is_recorded_and_the_delivery_completes() {
          WHERE d.payment_id = '{id}' AND a.response_body LIKE 'ok%bin'"
     ));
     assert_eq!(stored, 1);
+    roles.stop().await;
+}
+
+/// A payment finalised by a processor with no sender running, its delivery then marked failed
+/// (the schedule exhausted): what a merchant resends. Returns the payment id.
+async fn final_with_failed_webhook(
+    app: &TestApp,
+    s: &async_pay::config::Settings,
+    key: &str,
+) -> String {
+    let r = app
+        .post_payment(
+            KEY_A,
+            key,
+            json!({"amount": "1", "currency": "USD", "webhook_url": "http://127.0.0.1:9/hook"}),
+        )
+        .await;
+    let id = r.json["payment_id"].as_str().unwrap().to_string();
+    finalise_with_no_sender(s, &id).await;
+    app.db
+        .exec(&format!(
+            "UPDATE webhook_deliveries SET status = 'failed', attempts = 3, finished_at = now() \
+             WHERE payment_id = '{id}'"
+        ))
+        .unwrap();
+    id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_resends_of_one_payment_make_one_pending_delivery() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let db = TestDb::new().await;
+    let (s, _broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let id = final_with_failed_webhook(&app, &s, "race-resend").await;
+    // Line the two resends up at the same point: a lock that lets them read but not write
+    // deliveries, held until both are waiting on a lock.
+    let mut gate = diesel_async::AsyncPgConnection::establish(&app.db.url)
+        .await
+        .unwrap();
+    gate.batch_execute("BEGIN; LOCK TABLE webhook_deliveries IN SHARE ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let url = app.url(&format!("/api/v1/payments/{id}/webhook/resend"));
+    let resends: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { request("POST", &url, &[("X-API-Key", KEY_A)], None).await })
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "both resends to wait on a lock",
+        || async {
+            let waiting = app.db.count(
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            );
+            (waiting == 2).then_some(())
+        },
+    )
+    .await;
+    gate.batch_execute("COMMIT").await.unwrap();
+    let mut ids = std::collections::HashSet::new();
+    for r in resends {
+        let r = r.await.unwrap();
+        assert_eq!(r.status, 202, "{}", r.text);
+        ids.insert(r.json["delivery_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        ids.len(),
+        1,
+        "both answer the one pending delivery: {ids:?}"
+    );
+    assert_eq!(
+        delivery_status(&app, &id, "pending"),
+        1,
+        "one new delivery, not one per request"
+    );
+    assert_eq!(delivery_status(&app, &id, "failed"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_is_renewed_while_its_attempt_runs_and_never_once_it_is_recorded() {
+    use async_pay::db::webhooks as w;
+    use diesel_async::AsyncConnection;
+    let db = TestDb::new().await;
+    let (s, _broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let r = app
+        .post_payment(
+            KEY_A,
+            "renew",
+            json!({"amount": "1", "currency": "USD", "webhook_url": "http://127.0.0.1:9/hook"}),
+        )
+        .await;
+    finalise_with_no_sender(&s, r.json["payment_id"].as_str().unwrap()).await;
+    let mut c = diesel_async::AsyncPgConnection::establish(&app.db.url)
+        .await
+        .unwrap();
+    let claimed = w::claim_due(&mut c, 10, Duration::from_secs(2), 8, &[], &[])
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let d = &claimed[0];
+    let minute = Duration::from_secs(60);
+    let due_in = |app: &TestApp| {
+        app.db.count(&format!(
+            "SELECT extract(epoch FROM next_attempt_at - now())::bigint AS n \
+             FROM webhook_deliveries WHERE id = '{}'",
+            d.id
+        ))
+    };
+
+    // While the attempt runs: pushed out by the lease, and the new lease end is what counts.
+    let renewed = w::renew_claims(&mut c, &[d.id], &[d.attempts], &[d.next_attempt_at], minute)
+        .await
+        .unwrap();
+    assert_eq!(renewed.len(), 1);
+    assert!(due_in(&app) > 50, "renewed to about a minute from now");
+    let stale = w::renew_claims(&mut c, &[d.id], &[d.attempts], &[d.next_attempt_at], minute)
+        .await
+        .unwrap();
+    assert!(
+        stale.is_empty(),
+        "a lease end that is no longer in the row renews nothing"
+    );
+
+    // The attempt is recorded with a retry in 1 s: a heartbeat that comes after must not move
+    // the retry out by a lease.
+    let retry_at = time::OffsetDateTime::now_utc() + Duration::from_secs(1);
+    w::record_attempt(
+        &mut c,
+        &w::Attempt {
+            delivery_id: d.id,
+            attempt: d.attempts,
+            attempted_at: time::OffsetDateTime::now_utc(),
+            duration_ms: 5,
+            status_code: Some(500),
+            error: None,
+            response_body: Some("no".into()),
+        },
+        w::AfterAttempt::RetryAt(retry_at),
+    )
+    .await
+    .unwrap();
+    let late = w::renew_claims(
+        &mut c,
+        &[d.id],
+        &[d.attempts],
+        &[renewed[0].next_attempt_at],
+        minute,
+    )
+    .await
+    .unwrap();
+    assert!(late.is_empty(), "a recorded attempt is not renewed");
+    assert!(due_in(&app) <= 1, "the retry stays due in about 1 s");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_more_than_webhook_concurrency_attempts_are_in_flight() {
+    let db = TestDb::new().await;
+    let (mut s, _broker) = fast(&db);
+    s.webhook.concurrency = 4;
+    // One host: only the global cap limits.
+    s.webhook.per_host_concurrency = 100;
+    s.webhook.timeout = Duration::from_secs(30);
+    let app = TestApp::spawn_with(db, s.clone());
+    let receiver = Receiver::start().await;
+    receiver.set_default(Reply::Hold);
+    // Twelve deliveries due at once before any sender runs.
+    for i in 0..12 {
+        let r = app
+            .post_payment(
+                KEY_A,
+                &format!("cap-{i}"),
+                json!({"amount": "1", "currency": "USD", "webhook_url": receiver.url("/")}),
+            )
+            .await;
+        finalise_with_no_sender(&s, r.json["payment_id"].as_str().unwrap()).await;
+    }
+    let mut roles = Roles::new();
+    roles.consume(&s, Arc::new(SimulatedGateway::new(&s.gateway)));
+    eventually(Duration::from_secs(10), "the cap to be reached", || async {
+        (receiver.max_open() >= 4).then_some(())
+    })
+    .await;
+    // From now on every request is answered; the held ones are let go.
+    receiver.set_default(Reply::Status(200));
+    receiver.release_held();
+    eventually(Duration::from_secs(20), "all twelve delivered", || async {
+        (app.db
+            .count("SELECT count(*) AS n FROM webhook_deliveries WHERE status = 'delivered'")
+            == 12)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(receiver.received().len(), 12);
+    assert_eq!(
+        receiver.max_open(),
+        4,
+        "never more than webhook.concurrency requests open at the receiver"
+    );
     roles.stop().await;
 }

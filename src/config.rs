@@ -411,11 +411,11 @@ impl Settings {
             if !keys.insert(m.api_key.expose()) {
                 bail!("invalid configuration at `{at}.api_key`: the same key is configured twice");
             }
-            crate::webhook::secret_key(&m.webhook_secret).map_err(|e| {
+            crate::signing::secret_key(m.webhook_secret.expose()).map_err(|e| {
                 anyhow::anyhow!("invalid configuration at `{at}.webhook_secret`: {e}")
             })?;
             for (j, old) in m.previous_webhook_secrets.iter().enumerate() {
-                crate::webhook::secret_key(old).map_err(|e| {
+                crate::signing::secret_key(old.expose()).map_err(|e| {
                     anyhow::anyhow!(
                         "invalid configuration at `{at}.previous_webhook_secrets[{j}]`: {e}"
                     )

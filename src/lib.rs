@@ -13,5 +13,6 @@ pub mod metrics;
 pub mod processing;
 pub mod roles;
 pub mod shutdown;
+pub mod signing;
 pub mod ssrf;
 pub mod webhook;

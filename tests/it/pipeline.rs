@@ -209,7 +209,7 @@ async fn a_posted_payment_is_finalised_once_and_its_webhook_signed() {
         (20, 20),
         "exactly one delivery per payment"
     );
-    let key = async_pay::webhook::secret_key(&async_pay::config::Secret::new(SECRET_A)).unwrap();
+    let key = async_pay::signing::secret_key(SECRET_A).unwrap();
     for w in &got {
         let body = w.json();
         let id = body["payment_id"].as_str().unwrap();
@@ -222,7 +222,7 @@ async fn a_posted_payment_is_finalised_once_and_its_webhook_signed() {
             format!("payment.{}", p["status"].as_str().unwrap())
         );
         let ts: i64 = w.headers["webhook-timestamp"].parse().unwrap();
-        let expected = async_pay::webhook::sign(&key, &w.headers["webhook-id"], ts, &w.body);
+        let expected = async_pay::signing::sign(&key, &w.headers["webhook-id"], ts, &w.body);
         assert_eq!(w.headers["webhook-signature"], expected);
     }
     roles.stop().await;

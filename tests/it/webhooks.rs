@@ -412,23 +412,23 @@ async fn signatures_verify_with_the_secret_only_and_rotation_signs_twice() {
     assert!((now - ts).abs() < 60, "the timestamp is the attempt's time");
     let sigs: Vec<&str> = w.headers["webhook-signature"].split(' ').collect();
     assert_eq!(sigs.len(), 2, "current and previous secret during rotation");
-    let key = |s: &str| async_pay::webhook::secret_key(&async_pay::config::Secret::new(s)).unwrap();
+    let key = |s: &str| async_pay::signing::secret_key(s).unwrap();
     let id = &w.headers["webhook-id"];
     assert_eq!(
         sigs[0],
-        async_pay::webhook::sign(&key(SECRET_A), id, ts, &w.body)
+        async_pay::signing::sign(&key(SECRET_A), id, ts, &w.body)
     );
     assert_eq!(
         sigs[1],
-        async_pay::webhook::sign(&key(old), id, ts, &w.body)
+        async_pay::signing::sign(&key(old), id, ts, &w.body)
     );
     // Another secret, another body or another timestamp do not verify.
     let stranger = "whsec_dGhpcyBpcyBub3QgdGhlIHJpZ2h0IHNlY3JldCBhdCBhbGw=";
-    assert!(!sigs.contains(&async_pay::webhook::sign(&key(stranger), id, ts, &w.body).as_str()));
+    assert!(!sigs.contains(&async_pay::signing::sign(&key(stranger), id, ts, &w.body).as_str()));
     assert!(
-        !sigs.contains(&async_pay::webhook::sign(&key(SECRET_A), id, ts + 1, &w.body).as_str())
+        !sigs.contains(&async_pay::signing::sign(&key(SECRET_A), id, ts + 1, &w.body).as_str())
     );
-    assert!(!sigs.contains(&async_pay::webhook::sign(&key(SECRET_A), id, ts, b"{}").as_str()));
+    assert!(!sigs.contains(&async_pay::signing::sign(&key(SECRET_A), id, ts, b"{}").as_str()));
     roles.stop().await;
 }
 

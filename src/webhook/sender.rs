@@ -1,70 +1,22 @@
-//! Webhook signing (Standard Webhooks): `webhook-signature: v1,<base64 HMAC-SHA256>` over
-//! `"{webhook-id}.{webhook-timestamp}.{body}"`, keyed with the base64-decoded part of the
-//! merchant's `whsec_…` secret.
-
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+//! The webhook sender: claims due deliveries (at most `webhook.concurrency` in flight, at most
+//! `per_host_concurrency` per host), POSTs each signed, records every attempt, and keeps its
+//! claims alive while attempts run.
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use time::OffsetDateTime;
 use tokio::task::JoinSet;
 
-use crate::config::{Secret, Settings, WebhookSettings};
-use crate::db::payments::Payment;
+use super::policy::after_attempt;
+use super::slots::{InFlight, Slot, lock, reap, spawn_holding};
+use crate::config::{Settings, WebhookSettings};
 use crate::db::webhooks::{self as webhooks_db, AfterAttempt, Attempt, Delivery};
 use crate::db::{self, Pool};
-use crate::domain::events::webhook_event_type;
-use crate::domain::{self, PaymentStatus};
 use crate::shutdown::{Shutdown, backoff};
-
-const SECRET_PREFIX: &str = "whsec_";
-/// Standard Webhooks asks for 24 to 64 random bytes of key.
-const KEY_LEN: std::ops::RangeInclusive<usize> = 24..=64;
-
-/// Decodes a `whsec_…` secret into its HMAC key, or says what is wrong with it (without printing
-/// the secret).
-pub fn secret_key(secret: &Secret) -> Result<Vec<u8>, String> {
-    let encoded = secret
-        .expose()
-        .strip_prefix(SECRET_PREFIX)
-        .ok_or_else(|| format!("must start with {SECRET_PREFIX:?}"))?;
-    let key = STANDARD
-        .decode(encoded)
-        .map_err(|_| "the part after \"whsec_\" must be base64".to_string())?;
-    if !KEY_LEN.contains(&key.len()) {
-        return Err(format!(
-            "must hold {} to {} bytes of key (base64-decoded), it holds {}",
-            KEY_LEN.start(),
-            KEY_LEN.end(),
-            key.len()
-        ));
-    }
-    Ok(key)
-}
-
-/// One `v1,<signature>` entry for the given key.
-pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
-    // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = match Hmac::<Sha256>::new_from_slice(key) {
-        Ok(m) => m,
-        Err(_) => unreachable!("HMAC takes keys of any length"),
-    };
-    mac.update(id.as_bytes());
-    mac.update(b".");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Delivery
+use crate::signing::{secret_key, signature_header};
 
 /// First bytes of a response body kept with each attempt.
 pub const RESPONSE_BODY_LIMIT: u64 = 1024;
@@ -74,185 +26,10 @@ pub const RESPONSE_BODY_LIMIT: u64 = 1024;
 /// another sender take over an attempt that is still running (a duplicate webhook).
 const MIN_ATTEMPT_LEASE: Duration = Duration::from_secs(3);
 
-/// The webhook body for a final payment. `payment_id`, `status` and `processed_at` are the
-/// original service's fields, with the same values `GET` shows.
-pub fn payload(p: &Payment) -> serde_json::Value {
-    let status = p
-        .status
-        .parse::<PaymentStatus>()
-        .unwrap_or(PaymentStatus::Pending);
-    let processed_at = p.processed_at.and_then(|t| {
-        t.format(&time::format_description::well_known::Rfc3339)
-            .ok()
-    });
-    serde_json::json!({
-        "type": webhook_event_type(status),
-        "payment_id": p.id,
-        "status": p.status,
-        "processed_at": processed_at,
-        "amount": domain::format_amount(p.amount),
-        "currency": p.currency,
-        "metadata": p.metadata,
-        "charge_id": p.charge_id,
-        "failure_code": p.failure_code,
-        "failure_message": p.failure_message,
-    })
-}
-
 /// Bytes from a merchant's endpoint as storable text: invalid UTF-8 and NUL (which PostgreSQL
 /// text refuses) become U+FFFD.
 fn printable(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).replace('\0', "\u{FFFD}")
-}
-
-/// The host part of a webhook URL (for per-host limits).
-pub fn host_of(url: &str) -> String {
-    url::Url::parse(url)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
-/// Writes a delivery of the payment's final status to its webhook_url, due now. Call in the
-/// transaction that finalises the payment (so the webhook cannot be lost) or for a resend, which
-/// passes the `message_id` of the original so merchants can deduplicate. Returns the delivery
-/// id, or `None` for a payment without webhook_url.
-pub async fn schedule(
-    conn: &mut diesel_async::AsyncPgConnection,
-    p: &Payment,
-    message_id: Option<&str>,
-) -> diesel::QueryResult<Option<uuid::Uuid>> {
-    let Some(url) = &p.webhook_url else {
-        return Ok(None);
-    };
-    let id = uuid::Uuid::now_v7();
-    let fresh = format!("msg_{}", id.simple());
-    let status = p
-        .status
-        .parse::<PaymentStatus>()
-        .unwrap_or(PaymentStatus::Pending);
-    let payload = payload(p);
-    webhooks_db::insert(
-        conn,
-        &webhooks_db::NewDelivery {
-            id,
-            message_id: message_id.unwrap_or(&fresh),
-            payment_id: p.id,
-            merchant: &p.merchant,
-            event_type: webhook_event_type(status),
-            url,
-            host: &host_of(url),
-            payload: &payload,
-        },
-    )
-    .await?;
-    Ok(Some(id))
-}
-
-/// The `webhook-signature` header value: one `v1,…` per key, space-separated.
-pub fn signature_header(keys: &[Vec<u8>], id: &str, timestamp: i64, body: &[u8]) -> String {
-    keys.iter()
-        .map(|k| sign(k, id, timestamp, body))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// What the sender decides after an attempt. A retry time past what a timestamp can hold (a
-/// delay of millennia) gives up, as an exhausted schedule does.
-pub fn after_attempt(
-    attempt: i32,
-    status: Option<u16>,
-    delays: &[Duration],
-    now: OffsetDateTime,
-) -> AfterAttempt {
-    match status {
-        Some(s) if (200..300).contains(&s) => AfterAttempt::Delivered,
-        Some(410) => AfterAttempt::Failed,
-        _ => match usize::try_from(attempt.saturating_sub(1))
-            .ok()
-            .and_then(|i| delays.get(i))
-            .and_then(|d| now.checked_add(time::Duration::try_from(jitter(*d)).ok()?))
-        {
-            Some(at) => AfterAttempt::RetryAt(at),
-            None => AfterAttempt::Failed,
-        },
-    }
-}
-
-/// +-20 % so that many deliveries failing together do not retry together.
-pub fn jitter(d: Duration) -> Duration {
-    Duration::try_from_secs_f64(d.as_secs_f64() * (0.8 + 0.4 * fastrand::f64())).unwrap_or(d)
-}
-
-/// The attempts a sender has in flight: how many per host (for `per_host_concurrency`) and the
-/// claims its heartbeat keeps alive (delivery id -> attempt number and the lease end last
-/// written). Entries are added and removed only through [`Slot`].
-#[derive(Debug, Default)]
-struct InFlight {
-    per_host: HashMap<String, usize>,
-    claims: HashMap<uuid::Uuid, (i32, OffsetDateTime)>,
-}
-
-fn lock(state: &Mutex<InFlight>) -> MutexGuard<'_, InFlight> {
-    state.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// One attempt's place in [`InFlight`]: taken before the attempt is spawned, given back when the
-/// attempt task ends, however it ends (finished, panicked, aborted), because the task owns it
-/// and dropping it gives the place back.
-struct Slot {
-    state: Arc<Mutex<InFlight>>,
-    host: String,
-    id: uuid::Uuid,
-}
-
-impl Slot {
-    fn take(state: &Arc<Mutex<InFlight>>, d: &Delivery) -> Slot {
-        let mut st = lock(state);
-        *st.per_host.entry(d.host.clone()).or_default() += 1;
-        st.claims.insert(d.id, (d.attempts, d.next_attempt_at));
-        Slot {
-            state: state.clone(),
-            host: d.host.clone(),
-            id: d.id,
-        }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut st = lock(&self.state);
-        if let Some(n) = st.per_host.get_mut(&self.host) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                st.per_host.remove(&self.host);
-            }
-        }
-        st.claims.remove(&self.id);
-    }
-}
-
-/// Runs `work` as a task that holds `slot` until it ends.
-fn spawn_holding(
-    tasks: &mut JoinSet<()>,
-    slot: Slot,
-    work: impl Future<Output = ()> + Send + 'static,
-) {
-    tasks.spawn(async move {
-        let _slot = slot;
-        work.await;
-    });
-}
-
-/// Logs an attempt task that did not end normally (its slot is already given back).
-fn reap(done: Result<(), tokio::task::JoinError>) {
-    if let Err(e) = done
-        && e.is_panic()
-    {
-        log::error!(
-            "a webhook attempt panicked; its delivery is attempted again once its claim lapses"
-        );
-    }
 }
 
 /// Sends due webhook deliveries, `webhook.concurrency` at a time.
@@ -278,7 +55,7 @@ impl Sender {
                 // Current secret first, then the ones being rotated out.
                 for secret in std::iter::once(&m.webhook_secret).chain(&m.previous_webhook_secrets)
                 {
-                    let key = secret_key(secret)
+                    let key = secret_key(secret.expose())
                         .map_err(|e| anyhow::anyhow!("merchant {}: {e}", m.name))?;
                     entry.push(key);
                 }
@@ -543,102 +320,5 @@ impl Sender {
             reap(done);
         }
         heartbeat.abort();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The test vector published with the Standard Webhooks specification.
-    #[test]
-    fn matches_the_standard_webhooks_test_vector() {
-        let key = secret_key(&Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")).unwrap();
-        let sig = sign(
-            &key,
-            "msg_p5jXN8AQM9LWM0D4loKWxJek",
-            1614265330,
-            br#"{"test": 2432232314}"#,
-        );
-        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
-    }
-
-    fn delivery(host: &str) -> Delivery {
-        let now = OffsetDateTime::now_utc();
-        Delivery {
-            id: uuid::Uuid::now_v7(),
-            message_id: "msg_test".into(),
-            payment_id: uuid::Uuid::now_v7(),
-            merchant: "m".into(),
-            event_type: "payment.succeeded".into(),
-            url: format!("http://{host}/"),
-            host: host.into(),
-            payload: serde_json::json!({}),
-            status: "pending".into(),
-            attempts: 1,
-            next_attempt_at: now,
-            last_attempt_at: Some(now),
-            last_status_code: None,
-            created_at: now,
-            finished_at: None,
-        }
-    }
-
-    /// A JoinSet hands back a panicked task as a JoinError without its result, so the host of
-    /// the attempt must not come from the task's return value: the slot gives it back.
-    #[tokio::test]
-    async fn a_panicking_attempt_gives_back_its_host_slot_and_its_claim() {
-        let state = Arc::new(Mutex::new(InFlight::default()));
-        let mut tasks = JoinSet::new();
-        let (a, b) = (delivery("a.example"), delivery("a.example"));
-        spawn_holding(&mut tasks, Slot::take(&state, &a), async {
-            panic!("an attempt that panics");
-        });
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        spawn_holding(&mut tasks, Slot::take(&state, &b), async {
-            let _ = rx.await;
-        });
-        let done = tasks.join_next().await.unwrap();
-        assert!(done.unwrap_err().is_panic());
-        {
-            let st = lock(&state);
-            assert_eq!(
-                st.per_host.get("a.example"),
-                Some(&1),
-                "only b holds a slot"
-            );
-            assert!(!st.claims.contains_key(&a.id) && st.claims.contains_key(&b.id));
-        }
-        let _ = tx.send(());
-        tasks.join_next().await.unwrap().unwrap();
-        let st = lock(&state);
-        assert!(st.per_host.is_empty() && st.claims.is_empty(), "{st:?}");
-    }
-
-    #[test]
-    fn a_retry_delay_past_any_date_gives_up_instead_of_panicking() {
-        let now = OffsetDateTime::now_utc();
-        for d in [Duration::MAX, Duration::from_secs(u64::MAX / 4)] {
-            assert_eq!(after_attempt(1, Some(500), &[d], now), AfterAttempt::Failed);
-        }
-        let AfterAttempt::RetryAt(at) = after_attempt(1, None, &[Duration::from_secs(10)], now)
-        else {
-            panic!("a 10 s delay is a retry");
-        };
-        assert!(at >= now + Duration::from_secs(8) && at <= now + Duration::from_secs(12));
-        assert_eq!(
-            after_attempt(i32::MIN, None, &[Duration::from_secs(1)], now),
-            AfterAttempt::Failed
-        );
-    }
-
-    #[test]
-    fn refuses_malformed_secrets() {
-        assert!(secret_key(&Secret::new("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")).is_err());
-        assert!(secret_key(&Secret::new("whsec_!!!")).is_err());
-        assert!(
-            secret_key(&Secret::new("whsec_c2hvcnQ=")).is_err(),
-            "5 bytes is too short"
-        );
     }
 }

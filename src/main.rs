@@ -34,7 +34,7 @@ struct Cli {
 enum Command {
     /// Run the HTTP API (applies pending migrations first).
     Serve,
-    /// Move outbox events to RabbitMQ (wakes on NOTIFY; several relays may run at once).
+    /// Move outbox events to RabbitMQ (polls the outbox; several relays may run at once).
     Relay {
         /// Publish everything unpublished, print how many, and exit (for cron). Exits non-zero
         /// when the database or RabbitMQ is unreachable.

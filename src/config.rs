@@ -355,7 +355,7 @@ impl Settings {
             // Before 2026-12 poll_interval was the fallback behind LISTEN/NOTIFY ("2s"); the relay
             // now polls, so such a value would be its latency.
             bail!(
-                "invalid configuration at `relay.poll_interval`: must not exceed relay.idle_poll_interval ({}); it is the pace while events flow (default 5ms)",
+                "invalid configuration at `relay.poll_interval`: must not exceed relay.idle_poll_interval ({}); it is the pace while events flow (default 2ms)",
                 humantime::format_duration(self.relay.idle_poll_interval)
             );
         }
@@ -627,7 +627,7 @@ mod tests {
     #[test]
     fn the_old_relay_fallback_interval_is_refused_with_the_reason() {
         let s = load_env(&[]).unwrap();
-        assert_eq!(s.relay.poll_interval, Duration::from_millis(5));
+        assert_eq!(s.relay.poll_interval, Duration::from_millis(2));
         assert_eq!(s.relay.idle_poll_interval, Duration::from_millis(50));
         // "2s" was the default when the relay woke on NOTIFY; now it would be its latency.
         let err = load_env(&[("ASYNC_PAY__RELAY__POLL_INTERVAL", "2s")])

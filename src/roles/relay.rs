@@ -3,7 +3,7 @@
 //! Loop: drain the outbox in batches ([`drain_once`]: lock a batch with SKIP LOCKED, publish
 //! with confirms, mark only the confirmed rows published, commit; up to [`DRAINS_IN_FLIGHT`]
 //! batches at once, on their own connections), paced by [`Pace`]: a full batch is followed at
-//! once by the next, a batch with events by another look after `relay.poll_interval` (5 ms), and
+//! once by the next, a batch with events by another look after `relay.poll_interval` (2 ms), and
 //! each look that finds nothing doubles the wait up to `relay.idle_poll_interval` (50 ms). A look
 //! is one indexed read of the partial index of unpublished rows, so nothing is put on the
 //! writers' commit path: no trigger, no NOTIFY (a transaction that has called `pg_notify` takes

@@ -269,7 +269,7 @@ async fn an_event_committed_while_the_relay_is_idle_is_published_within_100ms() 
     roles.relay(&s);
     let mut waits = Vec::new();
     for i in 0..5 {
-        // A quiet spell: far longer than the backoff needs to reach the idle pace (5+10+20+40 ms).
+        // A quiet spell: far longer than the backoff needs to reach the idle pace (2+4+…+32 ms).
         tokio::time::sleep(Duration::from_secs(1)).await;
         let r = app
             .post_payment(

@@ -111,5 +111,5 @@ def step_costs(ctx):
                     "without_tps": runs["without"]["tps"], "cost": cost,
                     "cpu_with": runs["with"]["cpu"], "cpu_without": runs["without"]["cpu"]})
         log(f"   {what}: {runs['with']['tps']:,.0f} tx/s with, {runs['without']['tps']:,.0f} "
-            f"without ({cost:+.0%} of the commit rate)")
+            f"without: costs {cost:.0%} of the commit rate")
     ctx.r["costs"] = out

@@ -84,7 +84,8 @@ def latency(ctx, s, relay, rate):
     cpu = ctx.meter([relay, probe])
     # 32 clients so a slow commit never holds up the schedule (pgbench -R sends each
     # transaction at its scheduled time only when a client is free).
-    log_prefix = ctx.workdir / f"pgbench-latency-{rate}"
+    ctx.latency_runs = getattr(ctx, "latency_runs", 0) + 1  # a log of its own for each run
+    log_prefix = ctx.workdir / f"pgbench-latency-{rate}-{ctx.latency_runs}"
     lat_pgb = ctx.pgbench(s.db, "create_timed.sql", secs, clients=CLIENTS, threads=1,
                           extra=("-R", str(rate), "-D", "n=0", "-D", f"rate={rate}", "-l",
                                  f"--log-prefix={log_prefix}"))
@@ -95,7 +96,7 @@ def latency(ctx, s, relay, rate):
     # When each transaction's COMMIT was answered, from pgbench's per-transaction log
     # ("client transaction_no latency_us script epoch_s epoch_us [lag]").
     committed = {}
-    for f in ctx.workdir.glob(f"pgbench-latency-{rate}*"):
+    for f in ctx.workdir.glob(f"{log_prefix.name}.*"):
         for line in f.read_text().splitlines():
             c, n, _, _, sec, usec = line.split()[:6]
             committed[f"lat-{rate}-{c}-{n}"] = int(sec) + int(usec) / 1e6

@@ -24,10 +24,12 @@ from .common import (BENCH, CLIENTS, PIKA, PYDEPS, ROOT, BenchError, CpuMeter, P
 
 FULL = dict(pgbench_secs=15, warmup_secs=5, load_secs=15, relay_backlog=50_000, idle_secs=10,
             pipeline_n=10_000, latency_secs=15, consumer_n=2_000, scale_n=10_000,
-            psp_n=2_000, soak_secs=300, soak_rate=1000, soak_every=30, costs_secs=10)
+            psp_n=2_000, soak_secs=300, soak_rate=1000, soak_every=30, costs_secs=10,
+            costs_rounds=3)
 QUICK = dict(pgbench_secs=3, warmup_secs=1, load_secs=3, relay_backlog=3_000, idle_secs=2,
              pipeline_n=1_000, latency_secs=3, consumer_n=300, scale_n=1_000,
-             psp_n=200, soak_secs=10, soak_rate=200, soak_every=3, costs_secs=2)
+             psp_n=200, soak_secs=10, soak_rate=200, soak_every=3, costs_secs=2,
+             costs_rounds=1)
 
 
 class Stack:

@@ -2,6 +2,8 @@
 the commit path costs. pgbench runs the exact statements of one POST and one GET."""
 
 import re
+import statistics
+import time
 
 from .common import CLIENTS, ROOT, BenchError, WaitSampler, log
 
@@ -87,29 +89,47 @@ COSTS = [
 ]
 
 
+def buffers_and_commits(stack):
+    """This database's buffer accesses and commits so far (pg_stat_database: per database, so
+    other work on the server does not count; backends publish them up to a second late)."""
+    row = stack.psql.query("SELECT blks_hit + blks_read, xact_commit FROM pg_stat_database "
+                           "WHERE datname = current_database()")[0]
+    return int(row[0]), int(row[1])
+
+
 def step_costs(ctx):
-    """One pgbench run with and one without each item, each on a fresh database, alternating."""
-    secs = ctx.cfg["costs_secs"]
-    log(f"costs: the create statement with and without each index/constraint, "
-        f"pgbench -c {CLIENTS} -T {secs} each")
+    """Each item: two fresh databases, one without it; `costs_rounds` pgbench runs on each,
+    alternating. The cost is 1 - median tx/s with / median tx/s without; buffer accesses per
+    transaction are given beside it (they do not depend on what else the machine does)."""
+    secs, rounds = ctx.cfg["costs_secs"], ctx.cfg["costs_rounds"]
+    log(f"costs: the create statement with and without each index/constraint, {rounds} x "
+        f"pgbench -c {CLIENTS} -T {secs} each, alternating")
     out = []
     for i, (what, drop) in enumerate(COSTS):
-        runs = {}
-        for variant in ("with", "without"):
-            s = ctx.stack(f"cost{i}{variant[:2]}")
-            if variant == "without":
-                s.psql.query(drop)
-            ctx.pgbench(s.db, "create.sql", 1)
-            ctx.wait_quiet(f"costs {what} {variant}")
-            cpu = ctx.meter([])
-            res = ctx.pgbench(s.db, "create.sql", secs)
-            res["cpu"] = cpu.stop()
-            runs[variant] = res
-            s.close()
-        cost = 1 - runs["with"]["tps"] / runs["without"]["tps"]
-        out.append({"what": what, "with_tps": runs["with"]["tps"],
-                    "without_tps": runs["without"]["tps"], "cost": cost,
-                    "cpu_with": runs["with"]["cpu"], "cpu_without": runs["without"]["cpu"]})
-        log(f"   {what}: {runs['with']['tps']:,.0f} tx/s with, {runs['without']['tps']:,.0f} "
-            f"without: costs {cost:.0%} of the commit rate")
+        stacks = {"with": ctx.stack(f"cost{i}a"), "without": ctx.stack(f"cost{i}b")}
+        stacks["without"].psql.query(drop)
+        runs = {"with": [], "without": []}
+        for st in stacks.values():
+            ctx.pgbench(st.db, "create.sql", 1)
+        for _ in range(rounds):
+            for variant, st in stacks.items():
+                ctx.wait_quiet(f"costs {what} {variant}")
+                b0 = buffers_and_commits(st)
+                res = ctx.pgbench(st.db, "create.sql", secs)
+                time.sleep(1.1)
+                b1 = buffers_and_commits(st)
+                res["buffers_per_tx"] = round((b1[0] - b0[0]) / max(b1[1] - b0[1], 1), 1)
+                runs[variant].append(res)
+        for st in stacks.values():
+            st.close()
+        tps = {v: statistics.median(r["tps"] for r in rs) for v, rs in runs.items()}
+        bufs = {v: statistics.median(r["buffers_per_tx"] for r in rs) for v, rs in runs.items()}
+        cost = 1 - tps["with"] / tps["without"]
+        out.append({"what": what, "with_tps": tps["with"], "without_tps": tps["without"],
+                    "cost": cost, "with_buffers_per_tx": bufs["with"],
+                    "without_buffers_per_tx": bufs["without"],
+                    "runs": {v: [round(r["tps"]) for r in rs] for v, rs in runs.items()}})
+        log(f"   {what}: {tps['with']:,.0f} tx/s with, {tps['without']:,.0f} without (medians): "
+            f"costs {cost:.0%} of the commit rate; {bufs['with']} against {bufs['without']} "
+            "buffer accesses per transaction")
     ctx.r["costs"] = out

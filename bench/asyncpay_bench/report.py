@@ -148,10 +148,11 @@ def table(r, skipped):
 
 
 def costs_table(costs):
-    lines = ["| on the commit path | tx/s with | tx/s without | cost |", "|---|---|---|---|"]
+    lines = ["| on the commit path | tx/s with | tx/s without | cost | buffer accesses per tx, with / without |",
+             "|---|---|---|---|---|"]
     for c in costs:
         lines.append(f"| {c['what']} | {c['with_tps']:,.0f} | {c['without_tps']:,.0f} | "
-                     f"{c['cost']:.0%} |")
+                     f"{c['cost']:.0%} | {c['with_buffers_per_tx']} / {c['without_buffers_per_tx']} |")
     return lines
 
 
@@ -171,8 +172,9 @@ def render(ctx, command, started, elapsed):
               "these cores", "", "## Results", "", *head, *body, ""]
     if ctx.r.get("costs"):
         lines += ["## What each index and constraint costs the commit path", "",
-                  "pgbench `create.sql`, one run with and one without each, each on a fresh "
-                  "database, one after the other:", "", *costs_table(ctx.r["costs"]), ""]
+                  "pgbench `create.sql` on two fresh databases, one without the item, runs "
+                  "alternating between them; tx/s are medians:", "",
+                  *costs_table(ctx.r["costs"]), ""]
     if ctx.notes:
         lines += ["## Notes", "", *[f"- {n}" for n in ctx.notes], ""]
     lines += ["## How each figure is measured", "", METHOD.strip(), "",

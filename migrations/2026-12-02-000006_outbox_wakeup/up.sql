@@ -11,9 +11,10 @@ DROP FUNCTION outbox_notify();
 -- never be HOT, since published_at is in both partial indexes) and one when retention deletes it.
 -- With the default threshold (20 % of the table) an outbox holding 7 days of events would gather
 -- millions of them before autovacuum came, and the claim's partial index its dead entries with
--- them. A fixed threshold instead: vacuum once 10,000 rows changed, whatever the table's size
--- (autovacuum still visits a database at most once per autovacuum_naptime, 1 min by default, so
--- dead tuples stay below one minute of churn). Why not partitions by time: see bench/README.md.
+-- them. A fixed threshold instead: vacuum once 10,000 rows changed, whatever the table's size.
+-- Autovacuum still visits a database at most once per autovacuum_naptime (1 min by default), and
+-- a server may run without it, so the relay also vacuums the outbox itself every 10 s. Why not
+-- partitions by time: see bench/README.md.
 ALTER TABLE outbox SET (
     autovacuum_vacuum_scale_factor = 0,
     autovacuum_vacuum_threshold = 10000,

@@ -9,8 +9,10 @@
 
 mod api;
 mod broker;
+mod dev;
 mod dlq;
 mod faults;
+mod gateway;
 mod helpers;
 mod metrics;
 mod openapi;
@@ -18,7 +20,9 @@ mod pipeline;
 mod prepared;
 mod props;
 mod proxy;
+mod psp;
 mod receiver;
 mod schema;
 mod stack;
+mod startup;
 mod webhooks;

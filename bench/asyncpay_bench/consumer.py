@@ -60,6 +60,7 @@ def queue_payments(ctx, s, n, tag):
     """POSTs `n` payments with no consumer running and waits until all are in the queue."""
     _, url = s.start_serve() if s.serve is None else (s.serve, s.serve_url)
     ctx.wrk_quota(url, n, f"{ctx.run_id}-{tag}", timeout=300)
+    s.settle_posts()
     n = s.pending()
     ctx.wait_until("the payments published", lambda: s.unpublished() == 0, timeout=120)
     ctx.wait_until("the payments in the queue", lambda: s.queue_depth() >= n, timeout=30, every=0.2)

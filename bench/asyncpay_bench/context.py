@@ -114,6 +114,19 @@ class Stack:
                 raise BenchError(f"serve did not answer /health within 60s; see {p.logfile}")
             time.sleep(0.1)
 
+    def settle_posts(self, quiet=0.5, timeout=30):
+        """wrk stops its threads with requests still in flight, which the server still commits:
+        waits until no new payment arrived for `quiet` seconds."""
+        last, since = -1, time.monotonic()
+        deadline = since + timeout
+        while time.monotonic() < deadline:
+            n = int(self.psql.value("SELECT count(*) FROM payments"))
+            if n != last:
+                last, since = n, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return
+            time.sleep(0.1)
+
     def pending(self):
         return int(self.psql.value("SELECT count(*) FROM payments WHERE status = 'pending'"))
 

@@ -87,6 +87,7 @@ def step7_scale(ctx):
     for k in (1, 2):
         log(f"7 scale: {n:,} payments queued, then {k} consume process(es), zero gateway delay")
         ctx.wrk_quota(url, n, f"{ctx.run_id}-scale{k}", timeout=600)
+        s.settle_posts()
         pending = s.pending()
         ctx.wait_until("the payments published", lambda: s.unpublished() == 0, timeout=120)
         ctx.wait_until("the payments in the queue", lambda: s.queue_depth() >= pending,

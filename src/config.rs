@@ -57,6 +57,8 @@ pub struct AmqpSettings {
 pub struct RelaySettings {
     #[serde(with = "duration_str")]
     pub poll_interval: Duration,
+    #[serde(with = "duration_str")]
+    pub idle_poll_interval: Duration,
     pub batch_size: u32,
     #[serde(with = "duration_str")]
     pub retention: Duration,
@@ -374,6 +376,17 @@ impl Settings {
         }
         if self.relay.batch_size == 0 {
             bail!("invalid configuration at `relay.batch_size`: must be at least 1");
+        }
+        if self.relay.poll_interval < Duration::from_millis(1) {
+            bail!("invalid configuration at `relay.poll_interval`: must be at least 1ms");
+        }
+        if self.relay.poll_interval > self.relay.idle_poll_interval {
+            // Before 2026-12 poll_interval was the fallback behind LISTEN/NOTIFY ("2s"); the relay
+            // now polls, so such a value would be its latency.
+            bail!(
+                "invalid configuration at `relay.poll_interval`: must not exceed relay.idle_poll_interval ({}); it is the pace while events flow (default 2ms)",
+                humantime::format_duration(self.relay.idle_poll_interval)
+            );
         }
         if self.gateway.min_delay > self.gateway.max_delay {
             bail!(
@@ -714,6 +727,29 @@ mod tests {
         assert_eq!(s.server.max_body, ByteSize(1024 * 1024));
         assert_eq!(s.merchants.len(), 1);
         assert_eq!(s.merchants[0].api_key.expose(), "12345");
+    }
+
+    #[test]
+    fn the_old_relay_fallback_interval_is_refused_with_the_reason() {
+        let s = load_env(&[]).unwrap();
+        assert_eq!(s.relay.poll_interval, Duration::from_millis(2));
+        assert_eq!(s.relay.idle_poll_interval, Duration::from_millis(50));
+        // "2s" was the default when the relay woke on NOTIFY; now it would be its latency.
+        let err = load_env(&[("ASYNC_PAY__RELAY__POLL_INTERVAL", "2s")])
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default();
+        assert!(
+            err.contains("relay.poll_interval") && err.contains("idle_poll_interval"),
+            "{err}"
+        );
+        assert!(load_env(&[("ASYNC_PAY__RELAY__POLL_INTERVAL", "0s")]).is_err());
+        let s = load_env(&[
+            ("ASYNC_PAY__RELAY__POLL_INTERVAL", "2s"),
+            ("ASYNC_PAY__RELAY__IDLE_POLL_INTERVAL", "2s"),
+        ])
+        .unwrap();
+        assert_eq!(s.relay.poll_interval, Duration::from_secs(2));
     }
 
     #[test]

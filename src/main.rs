@@ -35,7 +35,7 @@ enum Command {
     Dev,
     /// Run the HTTP API (applies pending migrations first; never creates the database).
     Serve,
-    /// Move outbox events to RabbitMQ (wakes on NOTIFY; several relays may run at once).
+    /// Move outbox events to RabbitMQ (polls the outbox; several relays may run at once).
     Relay {
         /// Publish everything unpublished, print how many, and exit (for cron). Exits non-zero
         /// when the database or RabbitMQ is unreachable.

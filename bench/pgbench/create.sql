@@ -1,6 +1,6 @@
 -- pgbench: what one POST /api/v1/payments commits. The statement is the one
 -- src/db/payments.rs insert_with_event sends (payment INSERT + outbox INSERT in one CTE, one
--- implicit transaction; the outbox_notify trigger fires as it does for the API). Values that the
+-- implicit transaction, on a database migrated by `async-pay migrate`). Values that the
 -- API binds as parameters are computed here from pgbench's random numbers:
 --   id                  time-ordered like the API's UUIDv7 (microseconds, then random bits), so
 --                       the primary key sees the same append-mostly inserts;

@@ -142,7 +142,7 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<Pool> {
         .context("cannot build the database pool")
 }
 
-/// A dedicated connection, not pooled (LISTEN, `relay --once`, the `dlq` commands), opened
+/// A dedicated connection, not pooled (`relay --once`, the `dlq` commands), opened
 /// within `acquire_timeout` (at least 5 s) so an unreachable host fails instead of hanging.
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<AsyncPgConnection> {
     use diesel_async::AsyncConnection;

@@ -73,6 +73,14 @@ pub async fn delete_published_before(
     .await
 }
 
+/// Vacuums the outbox, so the space of published and deleted rows is reused instead of the table
+/// growing. `SKIP_LOCKED`: when another relay's VACUUM holds the table, that one is enough. A
+/// statement of its own (VACUUM cannot run in a transaction), sent as a simple query.
+pub async fn vacuum(conn: &mut AsyncPgConnection) -> QueryResult<()> {
+    use diesel_async::SimpleAsyncConnection;
+    conn.batch_execute("VACUUM (SKIP_LOCKED) outbox").await
+}
+
 /// Writes an event; it is published after the caller's transaction commits.
 pub async fn insert(
     conn: &mut AsyncPgConnection,

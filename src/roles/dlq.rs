@@ -4,7 +4,7 @@
 //! `replay --all` republishes dead letters *through the outbox*: in one transaction it locks the
 //! dead letter, inserts a `payment.created` outbox event carrying the original message body and
 //! sets `replayed_at`. So a replay is as durable as a new payment: once the command said
-//! "replayed", the running relay (woken by the outbox trigger's NOTIFY) or the next
+//! "replayed", the running relay (which polls the outbox every few milliseconds) or the next
 //! `relay --once` publishes it, whatever crashes in between; and a dead letter is replayed at
 //! most once (a replay that dies again becomes a new dead letter, with a new id, that can be
 //! replayed in turn).

@@ -102,6 +102,30 @@ async fn the_database_refuses_rows_the_api_refuses() {
     assert!(insert_with(&db, "idempotency_key", "'k'", "").is_err());
 }
 
+/// A transaction that has called `pg_notify` takes an instance-wide lock at commit: nothing a
+/// POST commits may do so (the relay polls instead). No trigger on the tables a POST writes, and
+/// no function of ours that notifies.
+#[tokio::test(flavor = "multi_thread")]
+async fn nothing_on_the_post_path_notifies() {
+    let db = TestDb::new().await;
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM pg_trigger \
+             WHERE tgrelid IN ('payments'::regclass, 'outbox'::regclass) AND NOT tgisinternal"
+        ),
+        0,
+        "no trigger on payments or outbox"
+    );
+    assert_eq!(
+        db.count(
+            "SELECT count(*) AS n FROM pg_proc p JOIN pg_namespace s ON s.oid = p.pronamespace \
+             WHERE s.nspname = 'public' AND p.prosrc ILIKE '%notify%'"
+        ),
+        0,
+        "no function that notifies"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn migrate_command_creates_and_migrates_a_database_once() {
     let name = format!("ap_test_{}", uuid::Uuid::new_v4().simple());

@@ -145,7 +145,6 @@ impl Stack {
             ("ASYNC_PAY__DATABASE__QUERY_TIMEOUT", "2s"),
             ("ASYNC_PAY__GATEWAY__MIN_DELAY", "10ms"),
             ("ASYNC_PAY__GATEWAY__MAX_DELAY", "50ms"),
-            ("ASYNC_PAY__RELAY__POLL_INTERVAL", "500ms"),
             ("ASYNC_PAY__CONSUME__SHUTDOWN_TIMEOUT", "3s"),
             (
                 "ASYNC_PAY__WEBHOOK__RETRY_DELAYS",

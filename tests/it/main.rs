@@ -7,6 +7,7 @@
     reason = "a test that cannot set itself up should fail loudly"
 )]
 
+mod addresses;
 mod api;
 mod broker;
 mod dlq;

@@ -540,10 +540,10 @@ async fn a_payment_whose_consumer_vanished_is_finalised_by_another() {
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
     let db_proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let mut sa = s.clone();
-    sa.amqp.url = async_pay::config::Secret::new(format!(
+    sa.amqp.urls = vec![async_pay::config::Secret::new(format!(
         "amqp://guest:guest@127.0.0.1:{}/%2f",
         proxy.addr.port()
-    ));
+    ))];
     let mut db_url = url::Url::parse(&app.db.url).unwrap();
     db_url.set_port(Some(db_proxy.addr.port())).unwrap();
     sa.database.url = async_pay::config::Secret::new(db_url.as_str());

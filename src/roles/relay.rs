@@ -92,9 +92,7 @@ pub async fn open_publisher(
     settings: &Settings,
 ) -> anyhow::Result<(amqprs::connection::Connection, Publisher)> {
     let conn = amqp::connect(&settings.amqp, "relay").await?;
-    let ch = amqp::open_channel(&conn).await?;
-    topology::declare(&ch, &settings.amqp).await?;
-    let _ = ch.close().await;
+    topology::declare(&conn, &settings.amqp).await?;
     let publisher = Publisher::open(
         &conn,
         &settings.amqp.exchange,

@@ -22,4 +22,5 @@ mod proxy;
 mod receiver;
 mod schema;
 mod stack;
+mod topology;
 mod webhooks;

@@ -308,8 +308,7 @@ async fn an_unroutable_publish_leaves_the_row_unpublished() {
     db.exec("INSERT INTO outbox (event_type, payload) VALUES ('payment.created', '{\"payment_id\": null}')").unwrap();
     // The topology exists, but this publisher's routing key matches no queue: basic.return.
     let conn = broker.connect().await;
-    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
-    async_pay::amqp::topology::declare(&ch, &s.amqp)
+    async_pay::amqp::topology::declare(&conn, &s.amqp)
         .await
         .unwrap();
     let publisher = async_pay::amqp::publisher::Publisher::open(
@@ -430,10 +429,10 @@ async fn poison_messages_are_acked_and_do_not_stop_the_consumer() {
         .consume(&s, Arc::new(SimulatedGateway::new(&s.gateway)))
         .dlq_watch(&s);
     let conn = broker.connect().await;
-    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
-    async_pay::amqp::topology::declare(&ch, &s.amqp)
+    async_pay::amqp::topology::declare(&conn, &s.amqp)
         .await
         .unwrap();
+    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
     for poison in [
         &b"garbage"[..],
         b"{}",

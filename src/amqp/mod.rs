@@ -31,11 +31,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where this process's next connection attempt starts in `amqp.urls`; `usize::MAX` until the
 /// first attempt, which starts at a random address so that processes spread over the nodes.
 static NEXT_ADDRESS: AtomicUsize = AtomicUsize::new(usize::MAX);
+/// The address this process last connected to.
+static LAST_ADDRESS: AtomicUsize = AtomicUsize::new(0);
 
 /// Opens a connection, named after the role (shown in the management UI), to the first address
-/// of `amqp.urls` that answers. The first attempt of a process starts at a random address; every
-/// later one (the roles reconnect after a lost connection, with their backoff) starts at the
-/// address after the one it last connected to, so a role moves away from a node that failed.
+/// of `amqp.urls` that answers. The first attempt of a process starts at a random address. Every
+/// later one (the roles reconnect, with their backoff, after a lost connection or a failed
+/// operation) starts at the address after the one it last connected to, so a role moves away
+/// from a node that failed; unless the role closed that connection with [`close`] and the broker
+/// answered, which shows the node works (a nack or a missing confirm can come from a queue
+/// leader on another node), so the next attempt starts at it again.
 pub async fn connect(settings: &AmqpSettings, role: &str) -> anyhow::Result<Connection> {
     let addresses = settings.addresses()?;
     let n = addresses.len();
@@ -48,6 +53,7 @@ pub async fn connect(settings: &AmqpSettings, role: &str) -> anyhow::Result<Conn
         let address = &addresses[i];
         match open(address, role).await {
             Ok(conn) => {
+                LAST_ADDRESS.store(i, Ordering::Relaxed);
                 NEXT_ADDRESS.store(i + 1, Ordering::Relaxed);
                 log::info!("{role} connected to RabbitMQ at {}", address.redacted);
                 return Ok(conn);
@@ -89,6 +95,27 @@ async fn open(address: &AmqpAddress, role: &str) -> anyhow::Result<Connection> {
         .await
         .context("cannot register the connection callback")?;
     Ok(conn)
+}
+
+/// How long closing a connection waits for the broker's answer. A hung node never answers: the
+/// connection is then dropped (its socket goes once the heartbeat gives up on it) and the role
+/// moves on to another node now rather than after up to 2 × [`HEARTBEAT_SECS`].
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Closes a connection, waiting at most [`CLOSE_TIMEOUT`] for the broker. If the broker answered,
+/// the next [`connect`] starts at its address again (see there).
+pub async fn close(conn: Connection) {
+    // amqprs answers Ok without asking the broker when the connection is already gone.
+    let was_open = conn.is_open();
+    match tokio::time::timeout(CLOSE_TIMEOUT, conn.close()).await {
+        Ok(Ok(())) if was_open => {
+            NEXT_ADDRESS.store(LAST_ADDRESS.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        Ok(_) => {}
+        Err(_) => log::warn!(
+            "RabbitMQ did not answer closing the connection within {CLOSE_TIMEOUT:?}; dropped it"
+        ),
+    }
 }
 
 /// Opens a channel whose closing reason (a 406 on a mismatched declare, say) reaches the log.

@@ -10,6 +10,8 @@
 //! (verified on 3.10: adding it to a queue declared without it is a 406), so setting it now
 //! would stop every existing deployment from starting.
 
+use std::time::Duration;
+
 use amqprs::FieldTable;
 use amqprs::channel::{
     Channel, ExchangeDeclareArguments, QueueBindArguments, QueueDeclareArguments,
@@ -20,9 +22,23 @@ use anyhow::Context;
 use super::{field_name, open_channel};
 use crate::config::AmqpSettings;
 
+/// How long declaring may take: a healthy broker needs milliseconds; a node that hung after
+/// accepting the connection never answers, and the role should reconnect to another.
+const DECLARE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Declares everything on channels of its own (closed afterwards), so a refused declaration
 /// cannot take the caller's channel with it.
 pub async fn declare(conn: &Connection, s: &AmqpSettings) -> anyhow::Result<()> {
+    tokio::time::timeout(DECLARE_TIMEOUT, declare_all(conn, s))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "RabbitMQ did not answer declaring the topology within {DECLARE_TIMEOUT:?}"
+            )
+        })?
+}
+
+async fn declare_all(conn: &Connection, s: &AmqpSettings) -> anyhow::Result<()> {
     let ch = open_channel(conn).await?;
     exchanges(&ch, s).await?;
     work_queue(&ch, s).await?;

@@ -178,7 +178,6 @@ async fn session(
             _ = shutdown.wait() => break Ok(()),
         }
     };
-    let _ = ch.close().await;
-    let _ = conn.close().await;
+    amqp::close(conn).await;
     result
 }

@@ -121,7 +121,7 @@ pub async fn run_once(settings: &Settings) -> anyhow::Result<usize> {
             );
         }
     }
-    let _ = amqp_conn.close().await;
+    amqp::close(amqp_conn).await;
     Ok(total)
 }
 
@@ -218,7 +218,7 @@ async fn session(
     // Let the batches in flight finish (each waits at most amqp.confirm_timeout for its confirms):
     // what the broker confirmed is marked published, the rest stays unpublished.
     while drains.next().await.is_some() {}
-    let _ = amqp_conn.close().await;
+    amqp::close(amqp_conn).await;
     result
 }
 

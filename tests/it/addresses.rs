@@ -1,7 +1,7 @@
 //! `amqp.urls`: a connection goes to the first address that answers, and the next connection of
-//! the process starts at the address after the one it used last. Two proxies in front of the
-//! shared RabbitMQ stand for two nodes. (The position is per process; nextest runs each test in
-//! its own process.)
+//! the process starts at the address after the one it used last (at that one again if it was
+//! closed cleanly). Two proxies in front of the shared RabbitMQ stand for two nodes. (The
+//! position is per process; nextest runs each test in its own process.)
 
 use std::time::Duration;
 
@@ -29,17 +29,21 @@ async fn connections_move_on_to_the_next_address_and_skip_one_that_is_down() {
     s.amqp.urls = vec![url(&a), url(&b)];
     let first = async_pay::amqp::connect(&s.amqp, "test").await.unwrap();
     let second = async_pay::amqp::connect(&s.amqp, "test").await.unwrap();
-    // A goes down: exactly one of the two connections was on it, so they used both addresses.
+    // Closed cleanly (the broker answered): that node works, the next connection goes there again.
+    async_pay::amqp::close(second).await;
+    let third = async_pay::amqp::connect(&s.amqp, "test").await.unwrap();
+    // A goes down: exactly one of the two open connections was on it, so the second (and with
+    // it the third) used the other address.
     a.cut();
     eventually(
         Duration::from_secs(30),
         "the connection through A to drop",
-        || async { (!first.is_open() || !second.is_open()).then_some(()) },
+        || async { (!first.is_open() || !third.is_open()).then_some(()) },
     )
     .await;
     assert!(
-        first.is_open() != second.is_open(),
-        "the second connection went to the other address"
+        first.is_open() != third.is_open(),
+        "the second connection went to the other address, the third to the second's"
     );
     // A refuses connections now: wherever an attempt starts, it ends on B.
     for _ in 0..3 {

@@ -18,6 +18,10 @@ migrate:
 test *ARGS:
     cargo nextest run {{ARGS}}
 
+# The 3-node RabbitMQ cluster test: kills and hangs nodes under load and prints how long the pipeline stalled (about 2 minutes; not part of `just test`, CI runs it).
+test-cluster *ARGS:
+    cargo nextest run --run-ignored only -E 'test(/^cluster::/)' {{ARGS}}
+
 # Benchmark against the local services (issue 6): `just bench`, or `just bench --quick` (CI).
 bench *ARGS:
     python3 bench/bench.py {{ARGS}}

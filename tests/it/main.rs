@@ -10,6 +10,7 @@
 mod addresses;
 mod api;
 mod broker;
+mod cluster;
 mod dlq;
 mod faults;
 mod helpers;
@@ -19,6 +20,7 @@ mod pipeline;
 mod prepared;
 mod props;
 mod proxy;
+mod rabbit_cluster;
 mod receiver;
 mod schema;
 mod stack;

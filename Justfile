@@ -66,17 +66,22 @@ up:
 up-cron:
     docker compose --profile cron up -d --build --scale relay=0
 
+# Like `up`, but RabbitMQ is a 3-node cluster (profile `cluster`) with two relays and three consumers given all three nodes.
+up-cluster:
+    docker compose --profile cluster up -d --build postgres migrate serve rabbitmq-1 rabbitmq-2 rabbitmq-3 relay-cluster consume-cluster dlq-watch-cluster
+    @echo "API: http://localhost:8000/health   RabbitMQ UI (node 1): http://localhost:15673"
+
 # Stop and remove the stack's containers (the data volumes stay).
 down:
-    docker compose --profile cron down --remove-orphans
+    docker compose --profile cron --profile cluster down --remove-orphans
 
 # Follow the stack's logs (all services, or the ones named: `just logs consume`).
 logs *SERVICES:
-    docker compose --profile cron logs -f {{SERVICES}}
+    docker compose --profile cron --profile cluster logs -f {{SERVICES}}
 
 # Stop the stack and delete its volumes (the database and RabbitMQ's data).
 clean:
-    docker compose --profile cron down -v --remove-orphans
+    docker compose --profile cron --profile cluster down -v --remove-orphans
 
 # What CI checks of the container setup without an engine: compose.yaml, the image's build command, a smoke run of the binary.
 check-image:

@@ -5,8 +5,8 @@
 //!
 //! Both queues are quorum queues, so in a RabbitMQ cluster they are replicated and survive the
 //! loss of a minority of the nodes. No `x-quorum-initial-group-size` is given, on purpose: the
-//! broker's default already places a replica on every node of a 3-node cluster (RabbitMQ 3.x: on
-//! every member; 3.12+ and 4.x: on 3 of them), and the argument is part of a queue's identity
+//! broker's default already places a replica on every node of a 3-node cluster (RabbitMQ 3.10:
+//! on every member; later versions: on three), and the argument is part of a queue's identity
 //! (verified on 3.10: adding it to a queue declared without it is a 406), so setting it now
 //! would stop every existing deployment from starting.
 

@@ -4,7 +4,9 @@
 #
 #   docker build -t async-pay .
 #   docker run --rm -p 8000:8000 -e ASYNC_PAY__SERVER__BIND=0.0.0.0:8000 \
+#     -e ASYNC_PAY__MERCHANTS='[{name = "shop", api_key = "…", webhook_secret = "whsec_…"}]' \
 #     -e DATABASE_URL=… -e AMQP_URL=… async-pay serve
+# (without merchants of its own, serve refuses to listen on 0.0.0.0: the demo key is public)
 
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm

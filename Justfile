@@ -6,8 +6,9 @@ export CARGO_PROFILE_DEV_DEBUG := "line-tables-only"
 default:
     @just --list
 
-# Run the HTTP API against the local services (creates and migrates the database).
+# Run the HTTP API against the local services (`migrate` first: only it creates the database).
 serve *ARGS:
+    cargo run --release -- migrate {{ARGS}}
     cargo run --release -- serve {{ARGS}}
 
 # Apply the database migrations.
@@ -57,32 +58,44 @@ run *ARGS:
 dlq *ARGS:
     cargo run --release -- dlq {{ARGS}}
 
-# Build the image and start the whole stack in containers (API on :8000, RabbitMQ UI on :15672); needs a Docker engine.
+# Build the image and start the whole stack in containers, with Prometheus and Grafana; needs a Docker engine.
 up:
-    docker compose up -d --build
-    @echo "API: http://localhost:8000/health   metrics: http://localhost:8000/metrics   RabbitMQ UI: http://localhost:15672"
+    docker compose --profile observability up -d --build
+    @just _urls
 
 # Like `up`, but the relay runs as `relay --once` every minute (cron mode) instead of continuously.
 up-cron:
-    docker compose --profile cron up -d --build --scale relay=0
+    docker compose --profile cron --profile observability up -d --build --scale relay=0
+    @just _urls
 
-# Like `up`, but RabbitMQ is a 3-node cluster (profile `cluster`) with two relays and three consumers given all three nodes.
+_urls:
+    @echo "API:         http://localhost:${API_PORT:-8000}/health   (metrics: /metrics)"
+    @echo "RabbitMQ UI: http://localhost:${RABBITMQ_UI_PORT:-15672}"
+    @echo "Prometheus:  http://localhost:${PROMETHEUS_PORT:-9090}   (alerts: /alerts, targets: /targets)"
+    @echo "Grafana:     http://localhost:${GRAFANA_PORT:-3000}   (admin / \$GRAFANA_PASSWORD, default admin; dashboard async-pay)"
+
+# Like `up` (without Prometheus and Grafana), but RabbitMQ is a 3-node cluster (profile `cluster`) with two relays and three consumers given all three nodes.
 up-cluster:
     docker compose --profile cluster up -d --build postgres migrate serve rabbitmq-1 rabbitmq-2 rabbitmq-3 relay-cluster consume-cluster dlq-watch-cluster
-    @echo "API: http://localhost:8000/health   RabbitMQ UI (node 1): http://localhost:15673"
+    @echo "API:                  http://localhost:${API_PORT:-8000}/health"
+    @echo "RabbitMQ UI (node 1): http://localhost:${RABBITMQ_CLUSTER_UI_PORT:-15673}"
 
 # Stop and remove the stack's containers (the data volumes stay).
 down:
-    docker compose --profile cron --profile cluster down --remove-orphans
+    docker compose --profile cron --profile cluster --profile observability down --remove-orphans
 
 # Follow the stack's logs (all services, or the ones named: `just logs consume`).
 logs *SERVICES:
-    docker compose --profile cron --profile cluster logs -f {{SERVICES}}
+    docker compose --profile cron --profile cluster --profile observability logs -f {{SERVICES}}
 
-# Stop the stack and delete its volumes (the database and RabbitMQ's data).
+# Stop the stack and delete its volumes (the database, RabbitMQ's, Prometheus' and Grafana's data).
 clean:
-    docker compose --profile cron --profile cluster down -v --remove-orphans
+    docker compose --profile cron --profile cluster --profile observability down -v --remove-orphans
 
 # What CI checks of the container setup without an engine: compose.yaml, the image's build command, a smoke run of the binary.
 check-image:
     bash deploy/check.sh
+
+# Alert rules (promtool unit tests) and dashboard against a real Prometheus scraping every role of the real binary (CI runs it).
+prometheus-check:
+    python3 scripts/prometheus-check.py

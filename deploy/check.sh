@@ -2,9 +2,11 @@
 # Checks the container setup on a machine without a Docker engine (CI runs it; `just check-image`):
 #
 #  1. compose.yaml is valid for `docker-compose config` (Debian's package, installed if missing),
-#     with and without the cron and cluster profiles, every service that runs the image calls a
-#     subcommand the binary has, and the cluster profile's roles are given all three nodes, which
-#     deploy/rabbitmq-cluster.conf lists for peer discovery.
+#     without profiles, with the cron profile, with the observability profile (Prometheus and
+#     Grafana; their own files are checked by `just prometheus-check`) and with the cluster
+#     profile; every service that runs the image calls a subcommand the binary has, and the
+#     cluster profile's roles are given all three nodes, which deploy/rabbitmq-cluster.conf
+#     lists for peer discovery.
 #  2. The binary builds exactly as the image builds it: deploy/build-binary.sh is the command the
 #     Dockerfile's build stage runs. It links nothing that debian:bookworm-slim lacks.
 #  3. That binary, configured like a container (deploy/config.toml, secrets from the environment),
@@ -25,15 +27,32 @@ if ! command -v docker-compose >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
 fi
 docker-compose --version
+# compose.yaml requires the merchants: without them it must refuse, with them it must be valid.
+if env -u ASYNC_PAY__MERCHANTS docker-compose -f compose.yaml config -q 2>/dev/null; then
+  fail "compose.yaml accepts a stack without ASYNC_PAY__MERCHANTS (the demo key is public)"
+fi
+export ASYNC_PAY__MERCHANTS='[{name = "check", api_key = "check-only-key", webhook_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}]'
 docker-compose -f compose.yaml config -q
 docker-compose -f compose.yaml --profile cron config -q
+docker-compose -f compose.yaml --profile observability config -q
 docker-compose -f compose.yaml --profile cluster config -q
-all_profiles=(-f compose.yaml --profile cron --profile cluster)
-services=$(docker-compose "${all_profiles[@]}" config --services)
-for s in postgres rabbitmq migrate serve relay consume dlq-watch relay-cron \
+all_profiles=(--profile cron --profile observability --profile cluster)
+services=$(docker-compose -f compose.yaml "${all_profiles[@]}" config --services)
+for s in postgres rabbitmq migrate serve relay consume dlq-watch relay-cron prometheus grafana \
   rabbitmq-1 rabbitmq-2 rabbitmq-3 relay-cluster consume-cluster dlq-watch-cluster; do
   grep -qx "$s" <<<"$services" || fail "compose.yaml has no service $s"
 done
+# Files the containers mount from this repository exist (compose would create a missing one as
+# an empty directory).
+docker-compose -f compose.yaml "${all_profiles[@]}" config | python3 -c '
+import os, sys, yaml
+for name, s in yaml.safe_load(sys.stdin)["services"].items():
+    for v in s.get("volumes", []):
+        # docker-compose 1.x prints "source:target[:mode]", 2.x a mapping.
+        source = v.split(":")[0] if isinstance(v, str) else v.get("source", "")
+        if source.startswith("/") and not os.path.exists(source):
+            sys.exit(f"compose.yaml: service {name} mounts {source}, which does not exist")
+'
 # The cluster profile: 2 relays and 3 consumers (and dlq-watch), each given the three nodes.
 docker-compose -f compose.yaml --profile cluster config | python3 -c '
 import sys, yaml
@@ -55,7 +74,7 @@ for n in 1 2 3; do
     || fail "deploy/rabbitmq-cluster.conf does not list rabbit@rabbitmq-$n"
 done
 # "image-service command" lines: the subcommand each service of the image runs.
-commands=$(docker-compose "${all_profiles[@]}" config | python3 -c '
+commands=$(docker-compose -f compose.yaml "${all_profiles[@]}" config | python3 -c '
 import sys, yaml
 for name, s in yaml.safe_load(sys.stdin)["services"].items():
     if not s.get("image", "").startswith("async-pay"):

@@ -20,15 +20,17 @@ db="ap_schemathesis_$$"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 log=$(mktemp)
 export DATABASE_URL="postgres://postgres@127.0.0.1:5432/$db" ASYNC_PAY__SERVER__BIND="127.0.0.1:$port"
-"$bin" serve >"$log" 2>&1 &
-pid=$!
+pid=
 cleanup() {
-  kill "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
+  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
   psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null || true
   rm -f "$log"
 }
 trap cleanup EXIT
+# serve never creates a database; migrate does.
+"$bin" migrate >"$log" 2>&1 || { cat "$log"; exit 1; }
+"$bin" serve >>"$log" 2>&1 &
+pid=$!
 
 st run "http://127.0.0.1:$port/openapi.json" \
   --wait-for-schema 60 \

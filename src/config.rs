@@ -76,11 +76,34 @@ pub struct ConsumeSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewaySettings {
+    pub kind: GatewayKind,
+    #[serde(with = "duration_str")]
+    pub timeout: Duration,
+    #[serde(with = "duration_str")]
+    pub recheck_min: Duration,
+    #[serde(with = "duration_str")]
+    pub recheck_max: Duration,
+    #[serde(with = "duration_str")]
+    pub reconcile_interval: Duration,
+    #[serde(with = "duration_str")]
+    pub stuck_after: Duration,
     #[serde(with = "duration_str")]
     pub min_delay: Duration,
     #[serde(with = "duration_str")]
     pub max_delay: Duration,
     pub success_rate: f64,
+    pub url: String,
+    pub api_key: Secret,
+}
+
+/// Which payment gateway `consume` and `reconcile` talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GatewayKind {
+    /// The original service's in-process simulation.
+    Simulated,
+    /// A real provider through the HTTP contract (README.md).
+    Http,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +118,7 @@ pub struct WebhookSettings {
     #[serde(with = "duration_str")]
     pub poll_interval: Duration,
     pub allow_private_targets: bool,
+    pub allowed_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -467,6 +491,7 @@ impl Settings {
                 let why = if path.starts_with("merchants")
                     || path.ends_with("url")
                     || path.ends_with("urls")
+                    || path.ends_with("api_key")
                 {
                     without_quoted(&e.inner().to_string())
                 } else {
@@ -504,11 +529,17 @@ impl Settings {
         if !(0.0..=1.0).contains(&self.gateway.success_rate) {
             bail!("invalid configuration at `gateway.success_rate`: must be between 0 and 1");
         }
+        self.validate_gateway()?;
         if self.webhook.concurrency == 0 {
             bail!("invalid configuration at `webhook.concurrency`: must be at least 1");
         }
         if self.webhook.per_host_concurrency == 0 {
             bail!("invalid configuration at `webhook.per_host_concurrency`: must be at least 1");
+        }
+        if self.webhook.allowed_ports.is_empty() || self.webhook.allowed_ports.contains(&0) {
+            bail!(
+                "invalid configuration at `webhook.allowed_ports`: list at least one port, none of them 0"
+            );
         }
         if self.merchants.is_empty() {
             bail!("invalid configuration at `merchants`: at least one merchant is needed");
@@ -562,6 +593,63 @@ fn fold_amqp_url(layer: &mut toml::Table) -> anyhow::Result<()> {
         amqp.insert("urls".to_string(), url);
     }
     Ok(())
+}
+
+impl Settings {
+    fn validate_gateway(&self) -> anyhow::Result<()> {
+        let g = &self.gateway;
+        if g.timeout.is_zero() {
+            bail!("invalid configuration at `gateway.timeout`: must be more than 0");
+        }
+        if g.recheck_min.is_zero() || g.recheck_min > g.recheck_max {
+            bail!(
+                "invalid configuration at `gateway.recheck_min`: must be more than 0 and at most gateway.recheck_max"
+            );
+        }
+        if g.reconcile_interval.is_zero() {
+            bail!("invalid configuration at `gateway.reconcile_interval`: must be more than 0");
+        }
+        match g.kind {
+            // A simulated call longer than the timeout would be unknown every time.
+            GatewayKind::Simulated if g.max_delay >= g.timeout => bail!(
+                "invalid configuration at `gateway.max_delay`: must be less than gateway.timeout ({})",
+                humantime::format_duration(g.timeout)
+            ),
+            GatewayKind::Simulated => {}
+            GatewayKind::Http => {
+                let ok = url::Url::parse(g.url.trim())
+                    .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+                if !ok {
+                    bail!(
+                        "invalid configuration at `gateway.url`: gateway.kind = \"http\" needs the provider's base URL, e.g. \"https://psp.example.com\""
+                    );
+                }
+                if g.api_key.expose().trim().is_empty() {
+                    bail!(
+                        "invalid configuration at `gateway.api_key`: gateway.kind = \"http\" needs the provider's API key (ASYNC_PAY__GATEWAY__API_KEY)"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of the merchants whose API key is one that the built-in `config.example.toml`
+    /// publishes (the demo merchant): anyone who read it or the README knows that key.
+    pub fn merchants_with_published_keys(&self) -> Vec<&str> {
+        let published: Vec<String> = toml::from_str::<toml::Table>(DEFAULT_TOML)
+            .ok()
+            .and_then(|t| t.get("merchants")?.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|m| Some(m.get("api_key")?.as_str()?.to_string()))
+            .collect();
+        self.merchants
+            .iter()
+            .filter(|m| published.iter().any(|k| k == m.api_key.expose()))
+            .map(|m| m.name.as_str())
+            .collect()
+    }
 }
 
 /// Deep-merges `over` into `base`: tables merge key by key, anything else replaces.
@@ -923,6 +1011,26 @@ mod tests {
             load_env(&[("ASYNC_PAY__AMQP__URLS", "[1, 2]")]).unwrap_err()
         );
         assert!(e.contains("amqp.urls"), "{e}");
+    }
+
+    #[test]
+    fn the_demo_merchant_is_known_by_its_published_key() {
+        assert_eq!(
+            load_env(&[]).unwrap().merchants_with_published_keys(),
+            ["demo"]
+        );
+        let own = load_env(&[(
+            "ASYNC_PAY__MERCHANTS",
+            r#"[{name = "demo", api_key = "k-9f2c", webhook_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}]"#,
+        )])
+        .unwrap();
+        assert!(own.merchants_with_published_keys().is_empty());
+        let copied = load_env(&[(
+            "ASYNC_PAY__MERCHANTS",
+            r#"[{name = "shop", api_key = "secret-api-key", webhook_secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"}]"#,
+        )])
+        .unwrap();
+        assert_eq!(copied.merchants_with_published_keys(), ["shop"]);
     }
 
     #[test]

@@ -1,13 +1,11 @@
 //! The `async-pay` binary: one subcommand per role.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
-use async_pay::config::{Settings, duration_str, redact_url};
-use async_pay::shutdown::Shutdown;
-use async_pay::{db, metrics, roles};
+use async_pay::config::{Settings, duration_str};
+use async_pay::roles;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -32,7 +30,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the HTTP API (applies pending migrations first).
+    /// Run the whole pipeline in one process, for development and trying it out: create and
+    /// migrate the database, then the API, relay, consumer and dlq-watch; Ctrl-C stops them.
+    Dev,
+    /// Run the HTTP API (applies pending migrations first; never creates the database).
     Serve,
     /// Move outbox events to RabbitMQ (wakes on NOTIFY; several relays may run at once).
     Relay {
@@ -41,11 +42,15 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Process payment events through the gateway and send webhooks.
+    /// Process payment events through the gateway, reconcile unknown outcomes, send webhooks.
     Consume,
+    /// Ask the payment provider about every payment whose outcome is unknown, once, and exit
+    /// (for cron; `consume` does the same continuously). Exits non-zero when the database is
+    /// unreachable or the provider refuses our configuration.
+    Reconcile,
     /// Record every dead-lettered message in the dead_letters table.
     DlqWatch,
-    /// Apply pending database migrations and exit.
+    /// Create the database if missing, apply pending migrations, and exit.
     Migrate,
     /// List and replay dead letters (the dead_letters table that dlq-watch fills).
     Dlq {
@@ -64,9 +69,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format(async_pay::api::request_id::log_format)
-        .init();
+    async_pay::logging::init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -78,86 +81,24 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a role, then stops its metrics exporter.
-async fn with_exporter(
-    exporter: Option<metrics::Exporter>,
-    role: impl Future<Output = anyhow::Result<()>>,
-) -> anyhow::Result<()> {
-    let result = role.await;
-    if let Some(e) = exporter {
-        e.stop().await;
-    }
-    result
-}
-
-/// `async-pay healthcheck`: needs no runtime, and no valid configuration when given `--url`.
-fn healthcheck(
-    config: Option<&Path>,
-    url: Option<String>,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let url = match url {
-        Some(u) => u,
-        None => roles::healthcheck::default_url(&Settings::load(config)?.server.bind),
-    };
-    roles::healthcheck::check(&url, timeout).map_err(|e| anyhow::anyhow!("unhealthy: {e}"))?;
-    println!("healthy: {url}");
-    Ok(())
-}
-
 fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Healthcheck { url, timeout } = cli.command {
-        return healthcheck(cli.config.as_deref(), url, timeout);
+        return roles::healthcheck(cli.config.as_deref(), url, timeout);
     }
     let settings = Settings::load(cli.config.as_deref())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    roles::runtime(&settings)?.block_on(async move {
         match cli.command {
+            Command::Dev => roles::dev::run(settings).await,
             Command::Serve => roles::serve::run(settings).await,
-            Command::Relay { once: true } => {
-                let n = roles::relay::run_once(&settings).await?;
-                println!("published {n} event(s)");
-                Ok(())
-            }
-            Command::Relay { once: false } => {
-                // The relay's exporter also reports the outbox backlog, read at each scrape.
-                let outbox = db::pool(&settings.database)?;
-                let exporter = metrics::serve(&settings.metrics.bind, Some(outbox))?;
-                with_exporter(exporter, roles::relay::run(settings, Shutdown::on_signal())).await
-            }
-            Command::Consume => {
-                let exporter = metrics::serve(&settings.metrics.bind, None)?;
-                with_exporter(
-                    exporter,
-                    roles::consume::run(settings, Shutdown::on_signal()),
-                )
-                .await
-            }
-            Command::DlqWatch => {
-                let exporter = metrics::serve(&settings.metrics.bind, None)?;
-                with_exporter(
-                    exporter,
-                    roles::dlq_watch::run(settings, Shutdown::on_signal()),
-                )
-                .await
-            }
+            Command::Relay { once: true } => roles::relay_once(&settings).await,
+            Command::Relay { once: false } => roles::relay(settings).await,
+            Command::Consume => roles::consume(settings).await,
+            Command::Reconcile => roles::reconcile(&settings).await,
+            Command::DlqWatch => roles::dlq_watch(settings).await,
             Command::Dlq { command } => roles::dlq::run(&settings, command).await,
+            Command::Migrate => roles::migrate(&settings).await,
             // Handled above, before any runtime or configuration is needed.
             Command::Healthcheck { .. } => Ok(()),
-            Command::Migrate => {
-                let url = settings.database.url.expose();
-                let applied = db::migrate(url).await.with_context(|| {
-                    format!("cannot migrate the database at {}", redact_url(url))
-                })?;
-                println!("applied {} migration(s)", applied.len());
-                for m in applied {
-                    println!("  {m}");
-                }
-                Ok(())
-            }
         }
     })
 }

@@ -26,8 +26,6 @@ use prometheus::{
 
 use crate::api::AppState;
 use crate::db::{self, Pool};
-use crate::domain::PaymentStatus;
-use crate::roles::consume::{Disposition, Handled};
 
 /// Latency buckets for work that takes milliseconds to a few seconds (HTTP requests, confirms,
 /// webhook POSTs): 1 ms … 10 s.
@@ -66,6 +64,13 @@ pub struct Metrics {
     dead_letters: IntCounterVec,
     webhook_attempts: IntCounterVec,
     webhook_duration: Histogram,
+    gateway_calls: IntCounterVec,
+    gateway_duration: HistogramVec,
+    gateway_paused: IntGauge,
+    payments_unknown: IntGauge,
+    payments_stuck: IntGauge,
+    reconcile_passes: IntCounterVec,
+    payments_finalised: IntCounterVec,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -212,6 +217,64 @@ impl Metrics {
                  error).",
                 FAST_BUCKETS,
             ),
+            gateway_calls: counter_vec(
+                &r,
+                "async_pay_gateway_calls_total",
+                "Calls to the payment gateway, by operation (charge, status) and outcome: \
+                 succeeded, declined, unknown (the provider may or may not have charged: \
+                 reconciled later), not_found (status: never received), unauthorized (the \
+                 provider refused our configuration).",
+                &["operation", "outcome"],
+            ),
+            gateway_duration: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "async_pay_gateway_call_duration_seconds",
+                        "Duration of one payment gateway call, by operation, up to gateway.timeout.",
+                    )
+                    .buckets(SLOW_BUCKETS.to_vec()),
+                    &["operation"],
+                ),
+            ),
+            gateway_paused: register(
+                &r,
+                IntGauge::new(
+                    "async_pay_gateway_paused",
+                    "1 while gateway calls are paused because the provider refuses our \
+                     configuration (401/403), else 0.",
+                ),
+            ),
+            payments_unknown: register(
+                &r,
+                IntGauge::new(
+                    "async_pay_payments_unknown_outcome",
+                    "Pending payments whose gateway outcome is unknown and is being reconciled \
+                     (refreshed every few seconds by consume's sweep).",
+                ),
+            ),
+            payments_stuck: register(
+                &r,
+                IntGauge::new(
+                    "async_pay_payments_stuck",
+                    "Payments pending for longer than gateway.stuck_after (refreshed every few \
+                     seconds by consume's sweep).",
+                ),
+            ),
+            payments_finalised: counter_vec(
+                &r,
+                "async_pay_payments_finalised_total",
+                "Payments finalised by this process with the gateway's answer, by status \
+                 (succeeded, failed), whether from a message or from reconciliation.",
+                &["status"],
+            ),
+            reconcile_passes: counter_vec(
+                &r,
+                "async_pay_reconcile_passes_total",
+                "Reconciliation passes (status checks of payments with unknown outcomes), by \
+                 result: ok or error.",
+                &["result"],
+            ),
             registry: r,
             outbox_registry: o,
         };
@@ -221,6 +284,32 @@ impl Metrics {
         }
         for result in ["confirmed", "not_confirmed"] {
             m.relay_messages.with_label_values(&[result]);
+        }
+        for result in ["ok", "error"] {
+            m.reconcile_passes.with_label_values(&[result]);
+        }
+        for status in ["succeeded", "failed"] {
+            m.payments_finalised.with_label_values(&[status]);
+        }
+        // Every answer of every call, so the first unknown or refused call is an increase.
+        for operation in ["charge", "status"] {
+            for outcome in [
+                "succeeded",
+                "declined",
+                "unknown",
+                "not_found",
+                "unauthorized",
+            ] {
+                m.gateway_calls.with_label_values(&[operation, outcome]);
+            }
+        }
+        // A dead letter is rare: the first one after a start must be an increase from 0, or
+        // `increase()` (and so the dead-letter alert) never sees it.
+        for reason in DEAD_LETTER_REASONS
+            .iter()
+            .chain(&[OTHER_DEAD_LETTER_REASON])
+        {
+            m.dead_letters.with_label_values(&[reason]);
         }
         m
     }
@@ -320,39 +409,67 @@ impl Drop for InFlight {
     }
 }
 
-/// The label of a consumer outcome.
-pub fn outcome_label(d: &Disposition) -> &'static str {
-    match d {
-        Disposition::Ack(Handled::Finalised(_, PaymentStatus::Succeeded)) => "succeeded",
-        Disposition::Ack(Handled::Finalised(_, PaymentStatus::Failed)) => "failed",
-        Disposition::Ack(Handled::Finalised(_, PaymentStatus::Pending)) => "pending",
-        Disposition::Ack(Handled::AlreadyFinal(_)) => "already_final",
-        Disposition::Ack(Handled::UnknownPayment(_)) => "unknown_payment",
-        Disposition::Ack(Handled::Malformed) => "malformed",
-        Disposition::Retry(_) => "retry",
-        Disposition::DeadLetter(_) => "dead_letter",
-        Disposition::Release => "released",
-    }
-}
-
-/// One payment message handled: its outcome, how often it was delivered before, how long it took.
-pub fn message_handled(d: &Disposition, previous: u32, took: Duration) {
+/// One payment message handled: its outcome label, how often it was delivered before, how long
+/// it took.
+pub fn message_handled(outcome: &str, previous: u32, took: Duration) {
     let m = get();
-    m.consumer_messages
-        .with_label_values(&[outcome_label(d)])
-        .inc();
+    m.consumer_messages.with_label_values(&[outcome]).inc();
     m.consumer_duration.observe(took.as_secs_f64());
     if previous > 0 {
         m.consumer_redeliveries.inc();
     }
 }
 
+/// One payment gateway call: `operation` (charge, status), its outcome label, its duration.
+pub fn gateway_call(operation: &str, outcome: &str, took: Duration) {
+    let m = get();
+    m.gateway_calls
+        .with_label_values(&[operation, outcome])
+        .inc();
+    m.gateway_duration
+        .with_label_values(&[operation])
+        .observe(took.as_secs_f64());
+}
+
+/// Whether gateway calls are paused (the provider refuses our configuration).
+pub fn gateway_paused(paused: bool) {
+    get().gateway_paused.set(i64::from(paused));
+}
+
+/// Pending payments with an unknown gateway outcome, and pending longer than stuck_after.
+pub fn pending_health(unknown: i64, stuck: i64) {
+    let m = get();
+    m.payments_unknown.set(unknown);
+    m.payments_stuck.set(stuck);
+}
+
+/// A payment finalised with the gateway's answer.
+pub fn payment_finalised(status: &str) {
+    get().payments_finalised.with_label_values(&[status]).inc();
+}
+
+/// One reconciliation pass ended.
+pub fn reconcile_pass(ok: bool) {
+    get()
+        .reconcile_passes
+        .with_label_values(&[if ok { "ok" } else { "error" }])
+        .inc();
+}
+
+/// The `reason` label values of dead letters: RabbitMQ's `x-death` reasons, and `unknown` for a
+/// message without that header.
+const DEAD_LETTER_REASONS: &[&str] =
+    &["rejected", "expired", "maxlen", "delivery_limit", "unknown"];
+/// The label of any other reason (a hand-made `x-death` header): the label set stays bounded.
+const OTHER_DEAD_LETTER_REASON: &str = "other";
+
 /// A dead letter recorded for the first time. RabbitMQ's reasons are a small fixed set; anything
 /// else (a hand-made `x-death` header) is counted as `other`.
 pub fn dead_letter(reason: &str) {
-    let reason = match reason {
-        "rejected" | "expired" | "maxlen" | "delivery_limit" | "unknown" => reason,
-        _ => "other",
+    let reason = if DEAD_LETTER_REASONS.contains(&reason) {
+        reason
+    } else {
+        OTHER_DEAD_LETTER_REASON
     };
     get().dead_letters.with_label_values(&[reason]).inc();
 }
@@ -526,6 +643,22 @@ mod tests {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
         assert!(!get().render(false).contains("async_pay_outbox_unpublished"));
+    }
+
+    #[test]
+    fn dead_letter_counters_start_at_zero_for_every_reason() {
+        let text = get().render(false);
+        for reason in [
+            "rejected",
+            "expired",
+            "maxlen",
+            "delivery_limit",
+            "unknown",
+            "other",
+        ] {
+            let series = format!(r#"async_pay_dead_letters_total{{reason="{reason}"}} 0"#);
+            assert!(text.contains(&series), "{series} missing");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::config::{Secret, Settings, WebhookSettings};
 use crate::db::payments::Payment;
 use crate::db::webhooks::{self as webhooks_db, AfterAttempt, Attempt, Delivery};
 use crate::db::{self, Pool};
+use crate::domain::events::webhook_event_type;
 use crate::domain::{self, PaymentStatus};
 use crate::shutdown::{Shutdown, backoff};
 
@@ -71,14 +72,6 @@ pub const RESPONSE_BODY_LIMIT: u64 = 1024;
 /// sender died) and the delivery is due again.
 const ATTEMPT_LEASE_MARGIN: Duration = Duration::from_secs(30);
 
-pub fn event_type(status: PaymentStatus) -> &'static str {
-    match status {
-        PaymentStatus::Succeeded => "payment.succeeded",
-        PaymentStatus::Failed => "payment.failed",
-        PaymentStatus::Pending => "payment.pending",
-    }
-}
-
 /// The webhook body for a final payment. `payment_id`, `status` and `processed_at` are the
 /// original service's fields, with the same values `GET` shows.
 pub fn payload(p: &Payment) -> serde_json::Value {
@@ -91,13 +84,16 @@ pub fn payload(p: &Payment) -> serde_json::Value {
             .ok()
     });
     serde_json::json!({
-        "type": event_type(status),
+        "type": webhook_event_type(status),
         "payment_id": p.id,
         "status": p.status,
         "processed_at": processed_at,
         "amount": domain::format_amount(p.amount),
         "currency": p.currency,
         "metadata": p.metadata,
+        "charge_id": p.charge_id,
+        "failure_code": p.failure_code,
+        "failure_message": p.failure_message,
     })
 }
 
@@ -141,7 +137,7 @@ pub async fn schedule(
             message_id: message_id.unwrap_or(&fresh),
             payment_id: p.id,
             merchant: &p.merchant,
-            event_type: event_type(status),
+            event_type: webhook_event_type(status),
             url,
             host: &host_of(url),
             payload: &payload,
@@ -229,7 +225,7 @@ impl Sender {
             ureq::Agent::with_parts(
                 config,
                 ureq::unversioned::transport::DefaultConnector::default(),
-                crate::ssrf::GuardedResolver::default(),
+                crate::ssrf::GuardedResolver::new(settings.webhook.allowed_ports.clone()),
             )
         };
         Ok(Sender {

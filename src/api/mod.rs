@@ -1,6 +1,7 @@
 //! The HTTP API: routes, authentication, request reading. Handlers live in one file per resource.
 
 pub mod health;
+pub mod idempotency;
 pub mod openapi;
 pub mod payments;
 pub mod request_id;
@@ -33,6 +34,9 @@ pub struct AppState {
     /// `webhook.allow_private_targets`: when false, webhook URLs pointing inside the network
     /// are refused.
     pub allow_private_targets: bool,
+    /// `webhook.allowed_ports`: the only ports a webhook URL may use (unless private targets are
+    /// allowed).
+    pub webhook_ports: Vec<u16>,
 }
 
 impl AppState {
@@ -43,6 +47,7 @@ impl AppState {
             max_body: settings.server.max_body.0,
             db_deadline: settings.database.acquire_timeout + settings.database.query_timeout,
             allow_private_targets: settings.webhook.allow_private_targets,
+            webhook_ports: settings.webhook.allowed_ports.clone(),
         }
     }
 }
@@ -153,7 +158,7 @@ pub fn route_table() -> Vec<(&'static str, Method, Route)> {
         (
             "/api/v1/payments",
             Method::GET,
-            web::get().to(payments::list),
+            web::get().to(payments::list::list),
         ),
         (
             "/api/v1/payments/{id}",

@@ -16,7 +16,7 @@ use super::{health, payments, webhooks};
     ),
     paths(
         payments::create,
-        payments::list,
+        payments::list::list,
         payments::get,
         webhooks::attempts,
         webhooks::resend,

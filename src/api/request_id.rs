@@ -1,6 +1,6 @@
 //! Request ids: every request gets one (the client's `X-Request-Id` if it sent a sane one, a new
 //! UUID otherwise), echoed in the response header and printed on every log line written while
-//! the request is handled (the log format reads it from a task-local).
+//! the request is handled ([`crate::logging`]).
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -10,15 +10,6 @@ use actix_web::middleware::Next;
 pub const HEADER: &str = "x-request-id";
 /// Longest client-supplied id that is kept; longer or odd ones are replaced.
 const MAX_LEN: usize = 128;
-
-tokio::task_local! {
-    static REQUEST_ID: String;
-}
-
-/// The id of the request being handled by this task, if any.
-pub fn current() -> Option<String> {
-    REQUEST_ID.try_with(Clone::clone).ok()
-}
 
 fn acceptable(id: &str) -> bool {
     !id.is_empty() && id.len() <= MAX_LEN && id.bytes().all(|b| b.is_ascii_graphic())
@@ -36,34 +27,9 @@ pub async fn middleware(
         .filter(|v| acceptable(v))
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
-    let mut res = REQUEST_ID.scope(id.clone(), next.call(req)).await?;
+    let mut res = crate::logging::scope(id.clone(), next.call(req)).await?;
     if let Ok(v) = HeaderValue::from_str(&id) {
         res.headers_mut().insert(HeaderName::from_static(HEADER), v);
     }
     Ok(res)
-}
-
-/// The log line format of every role: `[time LEVEL target] [req id] message`.
-pub fn log_format(
-    buf: &mut env_logger::fmt::Formatter,
-    record: &log::Record<'_>,
-) -> std::io::Result<()> {
-    use std::io::Write;
-    let ts = buf.timestamp_micros();
-    match current() {
-        Some(id) => writeln!(
-            buf,
-            "[{ts} {:<5} {}] [req {id}] {}",
-            record.level(),
-            record.target(),
-            record.args()
-        ),
-        None => writeln!(
-            buf,
-            "[{ts} {:<5} {}] {}",
-            record.level(),
-            record.target(),
-            record.args()
-        ),
-    }
 }

@@ -34,6 +34,40 @@ pub struct NewDeadLetter<'a> {
     pub headers: &'a serde_json::Value,
 }
 
+/// Text from a dead letter in a form PostgreSQL stores: `text` and `jsonb` refuse the NUL
+/// character, so it is written `\0`, and `\` is written `\\` so that two different message ids
+/// never become one (the message id is the key that makes recording idempotent). Message ids
+/// the relay publishes are UUIDs and stay as they are.
+pub fn storable(s: &str) -> String {
+    if !s.contains(['\0', '\\']) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\0' => out.push_str("\\0"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// [`storable`] applied to every string and key of a JSON value (the headers).
+pub fn storable_json(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        J::String(s) => J::String(storable(&s)),
+        J::Array(a) => J::Array(a.into_iter().map(storable_json).collect()),
+        J::Object(o) => J::Object(
+            o.into_iter()
+                .map(|(k, v)| (storable(&k), storable_json(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
 /// Records a dead letter once per message id; returns whether it was new.
 pub async fn record(conn: &mut AsyncPgConnection, d: &NewDeadLetter<'_>) -> QueryResult<bool> {
     let n = diesel::insert_into(dead_letters::table)
@@ -116,4 +150,22 @@ pub async fn mark_replayed(conn: &mut AsyncPgConnection, id: i64) -> QueryResult
         .returning(dead_letters::replayed_at.assume_not_null())
         .get_result(conn)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_and_backslash_are_escaped_and_distinct_ids_stay_distinct() {
+        assert_eq!(storable("019ab7c2-31c4"), "019ab7c2-31c4");
+        assert_eq!(storable("a\0b"), "a\\0b");
+        assert_eq!(storable("a\\0b"), "a\\\\0b");
+        assert_ne!(storable("a\0b"), storable("a\\0b"));
+        let v = serde_json::json!({"k\0": ["x\0", 1, {"y": "\0"}]});
+        assert_eq!(
+            storable_json(v),
+            serde_json::json!({"k\\0": ["x\\0", 1, {"y": "\\0"}]})
+        );
+    }
 }

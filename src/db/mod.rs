@@ -147,20 +147,48 @@ where
     }
 }
 
+/// What to do when the database named in the URL does not exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfMissing {
+    /// Create it (`async-pay migrate`, the tests).
+    Create,
+    /// Fail, saying so (`serve`: a typo in the URL must not start a new, empty database).
+    Fail,
+}
+
 /// Applies the embedded migrations that are not yet applied; returns their names. Safe to run
 /// from several processes at once (they take turns on an advisory lock).
 pub async fn migrate(url: &str) -> anyhow::Result<Vec<String>> {
+    run_migrations(url, IfMissing::Create).await
+}
+
+/// Like [`migrate`], but a missing database is an error that names it and says to run
+/// `async-pay migrate`.
+pub async fn migrate_existing(url: &str) -> anyhow::Result<Vec<String>> {
+    run_migrations(url, IfMissing::Fail).await
+}
+
+async fn run_migrations(url: &str, if_missing: IfMissing) -> anyhow::Result<Vec<String>> {
     let url = url.to_string();
     tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
         use diesel::RunQueryDsl;
         type Wrapper = AsyncConnectionWrapper<AsyncPgConnection>;
         let mut conn = match <Wrapper as diesel::Connection>::establish(&url) {
             Ok(c) => c,
-            Err(e) if e.to_string().contains("does not exist") => {
-                create_database(&url)?;
-                <Wrapper as diesel::Connection>::establish(&url)
-                    .with_context(|| format!("cannot connect to {}", redact_url(&url)))?
-            }
+            Err(e) if is_missing_database(&e.to_string(), &url) => match if_missing {
+                IfMissing::Create => {
+                    create_database(&url)?;
+                    <Wrapper as diesel::Connection>::establish(&url)
+                        .with_context(|| format!("cannot connect to {}", redact_url(&url)))?
+                }
+                // The callers name the (redacted) URL in their context.
+                IfMissing::Fail => anyhow::bail!(
+                    "database {:?} does not exist; check the database URL (DATABASE_URL or \
+                     database.url), or run `async-pay migrate` to create it and apply the \
+                     migrations",
+                    database_name(&url).unwrap_or_default()
+                ),
+            },
             Err(e) => {
                 return Err(anyhow::Error::new(e)
                     .context(format!("cannot connect to {}", redact_url(&url))));
@@ -186,7 +214,7 @@ pub async fn migrate(url: &str) -> anyhow::Result<Vec<String>> {
 fn create_database(url: &str) -> anyhow::Result<()> {
     use diesel::RunQueryDsl;
     let mut parsed = url::Url::parse(url).context("the database URL is not a valid URL")?;
-    let name = parsed.path().trim_start_matches('/').to_string();
+    let name = database_name(url).unwrap_or_default();
     if name.is_empty() || name.contains('"') {
         anyhow::bail!("cannot create a database named {name:?}");
     }
@@ -207,5 +235,42 @@ fn create_database(url: &str) -> anyhow::Result<()> {
         // Another process created it at the same moment.
         Err(e) if e.to_string().contains("already exists") => Ok(()),
         Err(e) => Err(anyhow::Error::new(e).context(format!("cannot create database {name:?}"))),
+    }
+}
+
+/// The database a connection URL names (its path, percent-decoded).
+fn database_name(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    let path = parsed.path().trim_start_matches('/');
+    Some(
+        percent_encoding::percent_decode_str(path)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
+}
+
+/// True when a connection failed because the URL's database does not exist (PostgreSQL says
+/// `database "name" does not exist`; a missing role says `role … does not exist` and is not it).
+fn is_missing_database(error: &str, url: &str) -> bool {
+    database_name(url)
+        .is_some_and(|name| error.contains(&format!("database \"{name}\" does not exist")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_database_is_told_from_a_missing_role() {
+        let url = "postgres://u:pw@h:5432/async%20pay";
+        assert_eq!(database_name(url).as_deref(), Some("async pay"));
+        assert!(is_missing_database(
+            "FATAL: database \"async pay\" does not exist",
+            url
+        ));
+        assert!(!is_missing_database(
+            "FATAL: role \"u\" does not exist",
+            url
+        ));
     }
 }

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::prepared;
 use super::schema::payments;
+use crate::domain::events::PAYMENT_CREATED;
 
 #[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = payments, check_for_backend(diesel::pg::Pg))]
@@ -25,6 +26,11 @@ pub struct Payment {
     pub webhook_url: Option<String>,
     pub created_at: OffsetDateTime,
     pub processed_at: Option<OffsetDateTime>,
+    /// The provider's reference of the charge (final payments charged through a gateway).
+    pub charge_id: Option<String>,
+    /// Why a failed payment failed: the provider's decline code and message.
+    pub failure_code: Option<String>,
+    pub failure_message: Option<String>,
 }
 
 /// The columns of [`Payment`], for hand-written statements. Named, never `*`: a statement is
@@ -34,7 +40,8 @@ pub struct Payment {
 macro_rules! payment_columns {
     () => {
         "id, merchant, amount, currency, description, metadata, status, idempotency_key, \
-         request_fingerprint, webhook_url, created_at, processed_at"
+         request_fingerprint, webhook_url, created_at, processed_at, charge_id, failure_code, \
+         failure_message"
     };
 }
 
@@ -50,10 +57,6 @@ pub struct NewPayment<'a> {
     pub request_fingerprint: &'a [u8],
     pub webhook_url: Option<&'a str>,
 }
-
-/// Event type of the outbox row written with every new payment (and by `dlq replay`): what the
-/// consumer reads.
-pub const PAYMENT_CREATED: &str = "payment.created";
 
 /// Inserts the payment and its `payment.created` outbox row in ONE statement (so one round trip
 /// and one implicit transaction: both rows or neither). Returns `None` when the merchant already
@@ -130,26 +133,144 @@ pub async fn find(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Option<
         .optional()
 }
 
-/// Claims a pending payment for `lease` under `token`, unless another live claim holds it.
-/// `None`: unknown, already final, or claimed by someone else (see [`claim_state`]).
+/// A payment claimed for a gateway call, with what an earlier call left behind.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Claimed {
+    #[diesel(embed)]
+    pub payment: Payment,
+    /// The gateway state before this claim: `None` if no charge request was ever sent (POST it),
+    /// `charging` or `unknown` if one may have been (ask the provider's status first).
+    #[diesel(sql_type = sql_types::Nullable<sql_types::Text>)]
+    pub prior_gateway_state: Option<String>,
+    /// Unknown answers in a row so far (the backoff of the next check grows with it).
+    #[diesel(sql_type = sql_types::Integer)]
+    pub gateway_checks: i32,
+}
+
+/// Claims a pending payment for `lease` under `token`, unless another live claim holds it, to
+/// call the gateway: marks it `charging` (a request may leave from now on) and due for a status
+/// check when the claim ends, so a claim abandoned mid-call is reconciled even if its message is
+/// gone. `None`: unknown, already final, or claimed by someone else (see [`claim_state`]).
 pub async fn claim(
     conn: &mut AsyncPgConnection,
     id: Uuid,
     token: Uuid,
     lease: std::time::Duration,
-) -> QueryResult<Option<Payment>> {
+) -> QueryResult<Option<Claimed>> {
     prepared::sql_query(concat!(
-        "UPDATE payments SET claim_token = $2, claimed_until = now() + $3 * interval '1 millisecond' \
-         WHERE id = $1 AND status = 'pending' AND (claimed_until IS NULL OR claimed_until < now()) \
-         RETURNING ",
+        "WITH prior AS ( \
+             SELECT id AS prior_id, gateway_state AS prior_gateway_state FROM payments \
+             WHERE id = $1 AND status = 'pending' \
+               AND (claimed_until IS NULL OR claimed_until < now()) \
+             FOR UPDATE) \
+         UPDATE payments p SET claim_token = $2, \
+                claimed_until = now() + $3 * interval '1 millisecond', \
+                next_check_at = now() + $3 * interval '1 millisecond', \
+                gateway_state = coalesce(p.gateway_state, 'charging') \
+         FROM prior WHERE p.id = prior.prior_id \
+         RETURNING prior_gateway_state, gateway_checks, ",
         payment_columns!()
     ))
     .bind::<sql_types::Uuid, _>(id)
     .bind::<sql_types::Uuid, _>(token)
-    .bind::<sql_types::BigInt, _>(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
+    .bind::<sql_types::BigInt, _>(millis(lease))
     .get_result(conn)
     .await
     .optional()
+}
+
+/// Claims up to `limit` payments whose status check is due (an unknown outcome, or a claim
+/// abandoned mid-call), oldest due first, for `lease` under `token`. Several processes share the
+/// work: rows another one holds are skipped.
+pub async fn claim_due_checks(
+    conn: &mut AsyncPgConnection,
+    token: Uuid,
+    lease: std::time::Duration,
+    limit: i64,
+) -> QueryResult<Vec<Claimed>> {
+    prepared::sql_query(concat!(
+        "WITH prior AS ( \
+             SELECT id AS prior_id, gateway_state AS prior_gateway_state FROM payments \
+             WHERE next_check_at <= now() AND status = 'pending' \
+               AND (claimed_until IS NULL OR claimed_until < now()) \
+             ORDER BY next_check_at LIMIT $3 \
+             FOR UPDATE SKIP LOCKED) \
+         UPDATE payments p SET claim_token = $1, \
+                claimed_until = now() + $2 * interval '1 millisecond', \
+                next_check_at = now() + $2 * interval '1 millisecond', \
+                gateway_state = coalesce(p.gateway_state, 'charging') \
+         FROM prior WHERE p.id = prior.prior_id \
+         RETURNING prior_gateway_state, gateway_checks, ",
+        payment_columns!()
+    ))
+    .bind::<sql_types::Uuid, _>(token)
+    .bind::<sql_types::BigInt, _>(millis(lease))
+    .bind::<sql_types::BigInt, _>(limit)
+    .load(conn)
+    .await
+}
+
+fn millis(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Records an unknown gateway outcome of a claimed payment: it stays pending, the claim ends,
+/// and the provider is asked about it after `recheck`. `false` if this consumer no longer held
+/// the claim (nothing changed).
+pub async fn record_unknown(
+    conn: &mut AsyncPgConnection,
+    id: Uuid,
+    token: Uuid,
+    reason: &str,
+    recheck: std::time::Duration,
+) -> QueryResult<bool> {
+    let n = prepared::sql_query(
+        "UPDATE payments SET gateway_state = 'unknown', gateway_reason = $3, \
+                gateway_checks = gateway_checks + 1, \
+                next_check_at = now() + $4 * interval '1 millisecond', \
+                claim_token = NULL, claimed_until = NULL \
+         WHERE id = $1 AND status = 'pending' AND claim_token = $2",
+    )
+    .bind::<sql_types::Uuid, _>(id)
+    .bind::<sql_types::Uuid, _>(token)
+    .bind::<sql_types::Text, _>(reason)
+    .bind::<sql_types::BigInt, _>(millis(recheck))
+    .execute(conn)
+    .await?;
+    Ok(n == 1)
+}
+
+/// Payments awaiting reconciliation and payments stuck pending, for the gauges.
+#[derive(Debug, Clone, Copy, QueryableByName)]
+pub struct PendingHealth {
+    /// Pending with an unknown gateway outcome.
+    #[diesel(sql_type = sql_types::BigInt)]
+    pub unknown: i64,
+    /// Pending for longer than the given age.
+    #[diesel(sql_type = sql_types::BigInt)]
+    pub stuck: i64,
+    /// The oldest stuck one, to name in the log.
+    #[diesel(sql_type = sql_types::Nullable<sql_types::Uuid>)]
+    pub oldest_stuck: Option<Uuid>,
+}
+
+/// Counts both, each through its partial index.
+pub async fn pending_health(
+    conn: &mut AsyncPgConnection,
+    stuck_after: std::time::Duration,
+) -> QueryResult<PendingHealth> {
+    prepared::sql_query(
+        "SELECT (SELECT count(*) FROM payments \
+                 WHERE next_check_at IS NOT NULL AND gateway_state = 'unknown') AS unknown, \
+                (SELECT count(*) FROM payments WHERE status = 'pending' \
+                 AND created_at < now() - $1 * interval '1 millisecond') AS stuck, \
+                (SELECT id FROM payments WHERE status = 'pending' \
+                 AND created_at < now() - $1 * interval '1 millisecond' \
+                 ORDER BY created_at LIMIT 1) AS oldest_stuck",
+    )
+    .bind::<sql_types::BigInt, _>(millis(stuck_after))
+    .get_result(conn)
+    .await
 }
 
 /// Where a payment stands for a consumer that could not claim it.
@@ -176,23 +297,37 @@ pub async fn claim_state(
     .optional()
 }
 
+/// What a gateway's final answer writes on the payment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome<'a> {
+    pub status: crate::domain::PaymentStatus,
+    pub charge_id: Option<&'a str>,
+    /// `(code, message)` of a declined payment.
+    pub failure: Option<(&'a str, &'a str)>,
+}
+
 /// Moves a claimed payment to its final status, once: only the holder of `token` can, and only
 /// while it is pending. `None` means this consumer no longer holds it (nothing was changed).
 pub async fn finalise(
     conn: &mut AsyncPgConnection,
     id: Uuid,
     token: Uuid,
-    status: crate::domain::PaymentStatus,
+    outcome: Outcome<'_>,
 ) -> QueryResult<Option<Payment>> {
     prepared::sql_query(concat!(
-        "UPDATE payments SET status = $3, processed_at = now(), claim_token = NULL, claimed_until = NULL \
+        "UPDATE payments SET status = $3, processed_at = now(), claim_token = NULL, \
+                claimed_until = NULL, gateway_state = NULL, gateway_reason = NULL, \
+                next_check_at = NULL, charge_id = $4, failure_code = $5, failure_message = $6 \
          WHERE id = $1 AND status = 'pending' AND claim_token = $2 \
          RETURNING ",
         payment_columns!()
     ))
     .bind::<sql_types::Uuid, _>(id)
     .bind::<sql_types::Uuid, _>(token)
-    .bind::<sql_types::Text, _>(status.as_str())
+    .bind::<sql_types::Text, _>(outcome.status.as_str())
+    .bind::<sql_types::Nullable<sql_types::Text>, _>(outcome.charge_id)
+    .bind::<sql_types::Nullable<sql_types::Text>, _>(outcome.failure.map(|f| f.0))
+    .bind::<sql_types::Nullable<sql_types::Text>, _>(outcome.failure.map(|f| f.1))
     .get_result(conn)
     .await
     .optional()

@@ -42,6 +42,13 @@ diesel::table! {
         processed_at -> Nullable<Timestamptz>,
         claim_token -> Nullable<Uuid>,
         claimed_until -> Nullable<Timestamptz>,
+        gateway_state -> Nullable<Text>,
+        gateway_reason -> Nullable<Text>,
+        gateway_checks -> Int4,
+        next_check_at -> Nullable<Timestamptz>,
+        charge_id -> Nullable<Text>,
+        failure_code -> Nullable<Text>,
+        failure_message -> Nullable<Text>,
     }
 }
 

@@ -22,7 +22,8 @@ use uuid::Uuid;
 
 use crate::config::Settings;
 use crate::db::dead_letters::{self, DeadLetter, Summary};
-use crate::db::{self, outbox, payments};
+use crate::db::{self, outbox};
+use crate::domain::events::PAYMENT_CREATED;
 
 /// Dead letters replayed per transaction by `--all`: bounded, so a large backlog does not hold
 /// thousands of row locks in one transaction.
@@ -86,7 +87,7 @@ async fn replay_locked(
     let Ok(payload) = serde_json::from_slice::<serde_json::Value>(&d.body) else {
         return Ok(Replay::NotJson);
     };
-    let outbox_id = outbox::insert(conn, payments::PAYMENT_CREATED, &payload).await?;
+    let outbox_id = outbox::insert(conn, PAYMENT_CREATED, &payload).await?;
     dead_letters::mark_replayed(conn, d.id).await?;
     Ok(Replay::Replayed {
         outbox_id,

@@ -5,7 +5,10 @@
 //! it; log it at WARN. Recording is idempotent on the message id, so a redelivery after a crash
 //! between insert and ack changes nothing. While the database is down the message stays unacked
 //! (and in the queue) and the insert is retried with backoff; a lost broker connection is
-//! reopened with backoff.
+//! reopened with backoff. Text the database cannot hold (a NUL byte in the message id or a
+//! header) is escaped; a row the database refuses for any other reason is parked (body, payment
+//! id and the refusal, reason `unrecordable`) and acked, so no dead letter blocks the ones behind
+//! it.
 
 use amqprs::BasicProperties;
 use amqprs::channel::{BasicAckArguments, BasicConsumeArguments, BasicQosArguments};
@@ -16,7 +19,7 @@ use crate::amqp::{self, topology};
 use crate::config::Settings;
 use crate::db::dead_letters::{self, NewDeadLetter};
 use crate::db::{self, DbError, Pool};
-use crate::roles::consume::PaymentEvent;
+use crate::domain::events::PaymentEvent;
 use crate::shutdown::{MAX_BACKOFF, Reconnect, Shutdown, backoff};
 
 /// Dead letters recorded concurrently; they are rare, this only bounds a burst.
@@ -53,69 +56,150 @@ pub fn death_of(props: Option<&BasicProperties>) -> Death {
     }
 }
 
-/// Records one dead letter; true if it was new. Waits out database outages.
+/// What became of one dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// Written to `dead_letters` (text the database cannot hold escaped, see
+    /// [`dead_letters::storable`]).
+    New,
+    /// Already there: a redelivery after a crash between insert and ack.
+    Duplicate,
+    /// The database refused the row for a reason that is not an outage: a row with its body,
+    /// payment id and the database's reason was written instead, under a derived message id.
+    Parked,
+}
+
+/// Reason written for a parked dead letter, next to the original reason in its headers.
+const PARKED_REASON: &str = "unrecordable";
+
+/// Records one dead letter. Waits out database outages; any other refusal parks it, so one
+/// message can never hold up the ones behind it.
 pub async fn record(
     pool: &Pool,
     props: Option<&BasicProperties>,
     body: &[u8],
     shutdown: &Shutdown,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Recorded> {
     let death = death_of(props);
-    let headers = props
-        .and_then(|p| p.headers())
-        .map(amqp::table_to_json)
-        .unwrap_or_default();
+    let headers = dead_letters::storable_json(
+        props
+            .and_then(|p| p.headers())
+            .map(amqp::table_to_json)
+            .unwrap_or_default(),
+    );
     // Messages without an id (published by hand) get one derived from their content.
-    let message_id = props
+    let raw_id = props
         .and_then(|p| p.message_id().cloned())
         .unwrap_or_else(|| format!("sha256:{:x}", Sha256::digest(body)));
+    let message_id = dead_letters::storable(&raw_id);
+    let reason = dead_letters::storable(&death.reason);
+    let queue = death.queue.as_deref().map(dead_letters::storable);
     let payment_id = serde_json::from_slice::<PaymentEvent>(body)
         .ok()
         .map(|e| e.payment_id);
+    let payment = payment_id.map_or_else(|| "unknown".to_string(), |p| p.to_string());
     let row = NewDeadLetter {
         message_id: &message_id,
         payment_id,
-        reason: &death.reason,
+        reason: &reason,
         death_count: death.count,
-        original_queue: death.queue.as_deref(),
+        original_queue: queue.as_deref(),
         body,
         headers: &headers,
     };
+    let refused = match insert(pool, &row, shutdown).await? {
+        Ok(new) => {
+            if !new {
+                return Ok(Recorded::Duplicate);
+            }
+            crate::metrics::dead_letter(&reason);
+            log::warn!(
+                "dead letter {message_id}: payment {payment}, reason {reason}, count {}, from {}",
+                death.count,
+                queue.as_deref().unwrap_or("?")
+            );
+            return Ok(Recorded::New);
+        }
+        Err(refused) => refused,
+    };
+
+    // Parked: only values no rule of the table can refuse (ASCII text, the body as bytes), under
+    // an id derived from the original one, so a redelivery of the same message is a duplicate.
+    let why = format!("{refused:#}").escape_default().to_string();
+    let parked_id = format!("{PARKED_REASON}:sha256:{:x}", Sha256::digest(&raw_id));
+    let parked_headers = serde_json::json!({
+        PARKED_REASON: why,
+        "message_id": raw_id.escape_default().to_string(),
+        "reason": death.reason.escape_default().to_string(),
+    });
+    let parked = NewDeadLetter {
+        message_id: &parked_id,
+        payment_id,
+        reason: PARKED_REASON,
+        death_count: death.count,
+        original_queue: None,
+        body,
+        headers: &parked_headers,
+    };
     let mut attempt = 0;
     loop {
-        let result = async {
-            let mut conn = db::conn(pool).await?;
-            Ok::<_, DbError>(dead_letters::record(&mut conn, &row).await?)
-        }
-        .await;
-        match result {
+        match insert(pool, &parked, shutdown).await? {
             Ok(new) => {
                 if new {
-                    crate::metrics::dead_letter(&death.reason);
-                    log::warn!(
-                        "dead letter {message_id}: payment {}, reason {}, count {}, from {}",
-                        payment_id
-                            .map(|p| p.to_string())
-                            .unwrap_or_else(|| "unknown".into()),
-                        death.reason,
-                        death.count,
-                        death.queue.as_deref().unwrap_or("?")
+                    crate::metrics::dead_letter(&reason);
+                    log::error!(
+                        "dead letter {message_id}: the database refused it ({why}); parked as \
+                         {parked_id} with its body, payment {payment}"
                     );
                 }
-                return Ok(new);
+                return Ok(Recorded::Parked);
             }
-            Err(DbError::Unavailable(why)) => {
+            // Even a row of plain values is refused: the table itself is broken, and so would
+            // every other dead letter be. Keep this one unacked and try again.
+            Err(e) => {
                 let wait = backoff(attempt, MAX_BACKOFF);
                 attempt += 1;
-                log::warn!(
-                    "dead letter {message_id}: database unavailable ({why}); retrying in {wait:?}"
+                log::error!(
+                    "dead letter {message_id}: cannot park it either ({e:#}); retrying in {wait:?}"
                 );
                 if shutdown.sleep(wait).await {
                     anyhow::bail!("shutting down before dead letter {message_id} was recorded");
                 }
             }
-            Err(DbError::Other(e)) => {
-                return Err(e.context(format!("cannot record dead letter {message_id}")));
+        }
+    }
+}
+
+/// Inserts a dead-letter row, waiting out database outages: `Ok(Ok(new))` once written (or
+/// found), `Ok(Err(why))` when the database refuses it, `Err` when shutting down first.
+async fn insert(
+    pool: &Pool,
+    row: &NewDeadLetter<'_>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Result<bool, anyhow::Error>> {
+    let mut attempt = 0;
+    loop {
+        let result = async {
+            let mut conn = db::conn(pool).await?;
+            Ok::<_, DbError>(dead_letters::record(&mut conn, row).await?)
+        }
+        .await;
+        match result {
+            Ok(new) => return Ok(Ok(new)),
+            Err(DbError::Other(e)) => return Ok(Err(e)),
+            Err(DbError::Unavailable(why)) => {
+                let wait = backoff(attempt, MAX_BACKOFF);
+                attempt += 1;
+                log::warn!(
+                    "dead letter {}: database unavailable ({why}); retrying in {wait:?}",
+                    row.message_id
+                );
+                if shutdown.sleep(wait).await {
+                    anyhow::bail!(
+                        "shutting down before dead letter {} was recorded",
+                        row.message_id
+                    );
+                }
             }
         }
     }

@@ -1,9 +1,107 @@
-//! One module per role of the `async-pay` binary. Each has a `run` that returns when the role
-//! stops (SIGTERM/SIGINT for the long-running ones).
+//! One module per role of the `async-pay` binary, and here each subcommand as `main.rs` calls
+//! it: the role, its metrics exporter (on `metrics.bind`), what it prints. The long-running
+//! roles return on SIGTERM/SIGINT.
 
 pub mod consume;
+pub mod dev;
 pub mod dlq;
 pub mod dlq_watch;
 pub mod healthcheck;
+pub mod reconcile;
 pub mod relay;
 pub mod serve;
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::{Settings, redact_url};
+use crate::shutdown::Shutdown;
+use crate::{db, metrics};
+
+/// The runtime every role runs on.
+pub fn runtime(settings: &Settings) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // The HTTP gateway connector and the webhook sender block a thread per call (ureq): room
+        // for a call per message in flight besides Tokio's default 512.
+        .max_blocking_threads(512 + usize::from(settings.amqp.prefetch))
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Runs a role with its metrics exporter (if `metrics.bind` is set), then stops the exporter.
+/// With `outbox`, each scrape also reads the outbox backlog from that pool.
+async fn with_exporter(
+    settings: &Settings,
+    outbox: Option<db::Pool>,
+    role: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let exporter = metrics::serve(&settings.metrics.bind, outbox)?;
+    let result = role.await;
+    if let Some(e) = exporter {
+        e.stop().await;
+    }
+    result
+}
+
+/// `async-pay relay`: until SIGTERM/SIGINT; its exporter also reports the outbox backlog.
+pub async fn relay(settings: Settings) -> anyhow::Result<()> {
+    let outbox = db::pool(&settings.database)?;
+    let role = relay::run(settings.clone(), Shutdown::on_signal());
+    with_exporter(&settings, Some(outbox), role).await
+}
+
+/// `async-pay relay --once`: publishes everything unpublished and says how many.
+pub async fn relay_once(settings: &Settings) -> anyhow::Result<()> {
+    let n = relay::run_once(settings).await?;
+    println!("published {n} event(s)");
+    Ok(())
+}
+
+/// `async-pay consume`: until SIGTERM/SIGINT.
+pub async fn consume(settings: Settings) -> anyhow::Result<()> {
+    let role = consume::run(settings.clone(), Shutdown::on_signal());
+    with_exporter(&settings, None, role).await
+}
+
+/// `async-pay dlq-watch`: until SIGTERM/SIGINT.
+pub async fn dlq_watch(settings: Settings) -> anyhow::Result<()> {
+    let role = dlq_watch::run(settings.clone(), Shutdown::on_signal());
+    with_exporter(&settings, None, role).await
+}
+
+/// `async-pay reconcile`: one pass, then its report.
+pub async fn reconcile(settings: &Settings) -> anyhow::Result<()> {
+    println!("{}", reconcile::run(settings, Shutdown::on_signal()).await?);
+    Ok(())
+}
+
+/// `async-pay migrate`: creates the database if missing, applies the migrations, lists them.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let url = settings.database.url.expose();
+    let applied = db::migrate(url)
+        .await
+        .with_context(|| format!("cannot migrate the database at {}", redact_url(url)))?;
+    println!("applied {} migration(s)", applied.len());
+    for m in applied {
+        println!("  {m}");
+    }
+    Ok(())
+}
+
+/// `async-pay healthcheck`: needs no runtime, and no valid configuration when given `--url`.
+pub fn healthcheck(
+    config: Option<&Path>,
+    url: Option<String>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let url = match url {
+        Some(u) => u,
+        None => healthcheck::default_url(&Settings::load(config)?.server.bind),
+    };
+    healthcheck::check(&url, timeout).map_err(|e| anyhow::anyhow!("unhealthy: {e}"))?;
+    println!("healthy: {url}");
+    Ok(())
+}

@@ -1,8 +1,11 @@
 //! `async-pay serve`: the HTTP API.
 //!
-//! Applies pending migrations, then answers requests until SIGTERM/SIGINT, after which in-flight
-//! requests get `server.shutdown_timeout` to finish. It never talks to RabbitMQ: a payment and
-//! its event are committed together and the relay moves the event. While the database is down,
+//! Refuses to start when a merchant uses the API key published in config.example.toml (the demo
+//! merchant) and `server.bind` is not a loopback address. Applies pending migrations to the
+//! existing database (a missing one is an error: only `async-pay migrate` creates it), then
+//! answers requests until SIGTERM/SIGINT, after which in-flight requests get
+//! `server.shutdown_timeout` to finish. It never talks to RabbitMQ: a payment and its event are
+//! committed together and the relay moves the event. While the database is down,
 //! requests answer 503 after at most `database.acquire_timeout` + `database.query_timeout`, and
 //! the pool reconnects by itself when the database is back. `GET /metrics` serves the Prometheus
 //! metrics of this process ([`crate::metrics`]).
@@ -25,8 +28,41 @@ pub struct Started {
     pub addr: SocketAddr,
 }
 
+/// Binds `server.bind`. The demo merchant's API key is published (config.example.toml, the
+/// README), so a server that accepts it listens on loopback only, or does not start.
+pub fn bind(settings: &Settings) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(&settings.server.bind)
+        .with_context(|| format!("cannot listen on {}", settings.server.bind))?;
+    let addr = listener.local_addr()?;
+    let demo = settings.merchants_with_published_keys();
+    if !demo.is_empty() {
+        let names = demo.join(", ");
+        if !addr.ip().to_canonical().is_loopback() {
+            anyhow::bail!(
+                "refusing to serve on {addr}: merchant {names} uses the API key published in \
+                 config.example.toml and the README, which anyone can read; it is accepted only \
+                 when server.bind is a loopback address (127.0.0.1, ::1). Configure your own \
+                 merchants, either with the environment variable ASYNC_PAY__MERCHANTS='[{{name = \
+                 \"shop\", api_key = \"<random key>\", webhook_secret = \"whsec_<base64 of 32 \
+                 random bytes>\"}}]' or with [[merchants]] entries in a config file (--config \
+                 PATH or ASYNC_PAY_CONFIG); config.example.toml documents them"
+            );
+        }
+        log::warn!(
+            "merchant {names} uses the API key published in config.example.toml: accepted only \
+             because the API listens on loopback ({addr})"
+        );
+    }
+    Ok(listener)
+}
+
 /// Binds the listener (so the port is known before anything runs) and builds the server.
 pub fn start(settings: &Settings) -> anyhow::Result<Started> {
+    start_on(settings, bind(settings)?)
+}
+
+/// Builds the server on a listener from [`bind`].
+pub fn start_on(settings: &Settings, listener: TcpListener) -> anyhow::Result<Started> {
     // Never more workers than connections: each worker holds its own share of the pool.
     let workers = match settings.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -54,8 +90,6 @@ pub fn start(settings: &Settings) -> anyhow::Result<Started> {
     // died: that one gets a new pool of the dead worker's size rather than sharing a live one.
     let next = Arc::new(AtomicUsize::new(0));
     let app_settings = settings.clone();
-    let listener = TcpListener::bind(&settings.server.bind)
-        .with_context(|| format!("cannot listen on {}", settings.server.bind))?;
     let addr = listener.local_addr()?;
     let server = HttpServer::new(move || {
         let n = next.fetch_add(1, Ordering::Relaxed);
@@ -90,14 +124,18 @@ pub fn start(settings: &Settings) -> anyhow::Result<Started> {
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    // First, so that a server that must not start touches nothing.
+    let listener = bind(&settings)?;
     let url = settings.database.url.expose();
-    let applied = db::migrate(url)
+    // Never creates the database (only `async-pay migrate` does): a typo in the URL must fail
+    // loudly instead of taking payments into a new, empty database.
+    let applied = db::migrate_existing(url)
         .await
         .with_context(|| format!("cannot prepare the database at {}", redact_url(url)))?;
     for m in &applied {
         log::info!("applied migration {m}");
     }
-    let started = start(&settings)?;
+    let started = start_on(&settings, listener)?;
     log::info!("serving the API on http://{}", started.addr);
     started.server.await.context("the HTTP server failed")
 }

@@ -44,6 +44,9 @@ async fn create_answers_202_and_get_returns_the_full_payment() {
             "webhook_url": "https://example.com/webhook",
             "created_at": created,
             "processed_at": null,
+            "charge_id": null,
+            "failure_code": null,
+            "failure_message": null,
             "webhook": {"status": "pending", "attempts": 0, "last_attempt_at": null,
                         "last_status_code": null, "next_attempt_at": null},
         })

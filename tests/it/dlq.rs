@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_pay::db::dead_letters;
-use async_pay::db::payments::Payment;
-use async_pay::domain::PaymentStatus;
-use async_pay::gateway::{Gateway, GatewayError};
+use async_pay::gateway::{Answer, ChargeRequest, Gateway};
 use async_pay::roles::dlq::{self, Replay};
 use async_trait::async_trait;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
@@ -19,21 +17,33 @@ use crate::metrics::value;
 use crate::pipeline::{CountingGateway, Roles, fast};
 use crate::receiver::Receiver;
 
-/// Fails every charge while `failing` is set, then approves.
+/// A gateway client with a bug: every call panics while `failing` is set; then it approves.
+/// (An unknown answer is not a failure: it is reconciled, never dead-lettered.)
 struct SwitchGateway {
     failing: AtomicBool,
     calls: AtomicUsize,
 }
 
-#[async_trait]
-impl Gateway for SwitchGateway {
-    async fn charge(&self, _p: &Payment) -> Result<PaymentStatus, GatewayError> {
+impl SwitchGateway {
+    fn call(&self) {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.failing.load(Ordering::SeqCst) {
-            Err(GatewayError("provider answered 502".into()))
-        } else {
-            Ok(PaymentStatus::Succeeded)
+            panic!("the gateway client has a bug");
         }
+    }
+}
+
+#[async_trait]
+impl Gateway for SwitchGateway {
+    async fn charge(&self, _r: &ChargeRequest) -> Answer {
+        self.call();
+        Answer::Succeeded {
+            charge_id: "ch_switch".into(),
+        }
+    }
+    async fn status(&self, _id: uuid::Uuid) -> Answer {
+        self.call();
+        Answer::NotFound
     }
 }
 
@@ -44,7 +54,10 @@ async fn connect(url: &str) -> AsyncPgConnection {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_letter_is_listed_replayed_and_its_payment_finalised() {
     let db = TestDb::new().await;
-    let (s, _broker) = fast(&db);
+    let (mut s, _broker) = fast(&db);
+    // The reconciliation sweep would settle the payment by itself; here the replay must.
+    s.gateway.recheck_min = Duration::from_secs(3600);
+    s.gateway.recheck_max = Duration::from_secs(3600);
     let app = TestApp::spawn_with(db, s.clone());
     let gateway = Arc::new(SwitchGateway {
         failing: AtomicBool::new(true),
@@ -286,4 +299,107 @@ async fn the_dlq_commands_list_and_replay() {
     // Neither an id nor --all: a usage error.
     let (code, _, err) = run(&["dlq", "replay"]).await;
     assert_eq!(code, Some(2), "{err}");
+}
+
+/// Publishes one message straight to the test's dead-letter queue (as RabbitMQ would).
+async fn publish_dead(
+    ch: &amqprs::channel::Channel,
+    s: &async_pay::config::Settings,
+    props: amqprs::BasicProperties,
+    body: Vec<u8>,
+) {
+    ch.basic_publish(
+        props,
+        body,
+        amqprs::channel::BasicPublishArguments::new(
+            &s.amqp.dead_letter_exchange,
+            &s.amqp.dead_letter_queue,
+        ),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_poison_dead_letter_does_not_stop_dlq_watch_recording() {
+    let db = TestDb::new().await;
+    let (s, broker) = fast(&db);
+    // A rule that refuses one message id stands for anything else the database could refuse.
+    db.exec(
+        "ALTER TABLE dead_letters ADD CONSTRAINT refuses_one_id \
+         CHECK (message_id <> 'refused-by-the-database')",
+    )
+    .unwrap();
+    let (p1, p2, p3) = (
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4(),
+    );
+    let body = |p: uuid::Uuid| json!({"payment_id": p}).to_string().into_bytes();
+    let conn = broker.connect().await;
+    async_pay::amqp::topology::declare(&conn, &s.amqp)
+        .await
+        .unwrap();
+    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
+    // 1. NUL bytes in the message id and in a header: PostgreSQL text and jsonb refuse them.
+    let mut headers = amqprs::FieldTable::new();
+    headers.insert(
+        "x-note".try_into().unwrap(),
+        amqprs::FieldValue::S("a\0b".try_into().unwrap()),
+    );
+    let poison = amqprs::BasicProperties::default()
+        .with_message_id("poison\0id")
+        .with_headers(headers)
+        .finish();
+    publish_dead(&ch, &s, poison, body(p1)).await;
+    // 2. A message the database refuses for a reason nobody foresaw.
+    let refused = amqprs::BasicProperties::default()
+        .with_message_id("refused-by-the-database")
+        .finish();
+    publish_dead(&ch, &s, refused, body(p2)).await;
+    // 3. An ordinary dead letter behind them.
+    let normal = amqprs::BasicProperties::default()
+        .with_message_id("ordinary")
+        .finish();
+    publish_dead(&ch, &s, normal, body(p3)).await;
+    let _ = conn.close().await;
+
+    let mut roles = Roles::new();
+    roles.dlq_watch(&s);
+    eventually(
+        Duration::from_secs(20),
+        "the dead letter behind the poison ones",
+        || async {
+            (db.count("SELECT count(*) AS n FROM dead_letters WHERE message_id = 'ordinary'") == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    // The poison one is recorded with its NUL bytes escaped, the body as it was.
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) AS n FROM dead_letters WHERE message_id = 'poison\\0id' \
+             AND payment_id = '{p1}' AND headers->>'x-note' = 'a\\0b' \
+             AND body = convert_to('{}', 'UTF8')",
+            String::from_utf8(body(p1)).unwrap()
+        )),
+        1,
+        "the poison dead letter, escaped"
+    );
+    // The refused one is parked: its body and the database's reason are kept.
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) AS n FROM dead_letters WHERE reason = 'unrecordable' \
+             AND payment_id = '{p2}' AND body = convert_to('{}', 'UTF8') \
+             AND headers->>'unrecordable' LIKE '%refuses_one_id%' \
+             AND headers->>'message_id' = 'refused-by-the-database'",
+            String::from_utf8(body(p2)).unwrap()
+        )),
+        1,
+        "the refused dead letter, parked"
+    );
+    assert_eq!(db.count("SELECT count(*) AS n FROM dead_letters"), 3);
+    roles.stop().await;
+    // Every one was acked: nothing comes back once the watcher's channel is closed.
+    assert_eq!(broker.depth(&s.amqp.dead_letter_queue).await, 0);
 }

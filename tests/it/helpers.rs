@@ -70,6 +70,30 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// The text column `t` of every row of a query.
+    pub fn texts(&self, sql: &str) -> Vec<String> {
+        #[derive(diesel::QueryableByName)]
+        struct T {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            t: String,
+        }
+        let url = self.url.clone();
+        let sql = sql.to_string();
+        std::thread::spawn(move || {
+            let mut c = <SyncPg as diesel::Connection>::establish(&url).unwrap();
+            diesel::sql_query(sql)
+                .load::<T>(&mut c)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.t)
+                .collect()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
@@ -230,6 +254,40 @@ pub async fn request(
     })
     .await
     .unwrap()
+}
+
+/// A port free on 127.0.0.1 right now (for a process that binds it itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `url` (a `/health`) answers 200; connection errors while the server starts count
+/// as "not yet".
+pub async fn wait_healthy(url: &str) {
+    eventually(Duration::from_secs(30), "serve to be healthy", || {
+        let url = url.to_string();
+        async move {
+            let ok = tokio::task::spawn_blocking(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(2)))
+                    .build()
+                    .into();
+                agent
+                    .get(&url)
+                    .call()
+                    .is_ok_and(|r| r.status().as_u16() == 200)
+            })
+            .await
+            .unwrap();
+            ok.then_some(())
+        }
+    })
+    .await;
 }
 
 /// Polls `check` until it returns `Some`, or panics after `limit`.

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_pay::gateway::SimulatedGateway;
+use async_pay::gateway::simulated::SimulatedGateway;
 use serde_json::json;
 
 use crate::broker::TestBroker;

@@ -55,6 +55,17 @@ async fn run_hot_statements(c: &mut AsyncPgConnection, round: u32) {
             .is_some()
     );
     assert!(payments::claim_state(c, id).await.unwrap().is_some());
+    assert!(
+        payments::record_unknown(c, id, token, "HTTP 503", Duration::ZERO)
+            .await
+            .unwrap()
+    );
+    let due = payments::claim_due_checks(c, token, lease, 10)
+        .await
+        .unwrap();
+    assert_eq!(due.len(), 1, "the unknown outcome is due at once");
+    assert_eq!(due[0].prior_gateway_state.as_deref(), Some("unknown"));
+    payments::pending_health(c, lease).await.unwrap();
     assert_eq!(
         payments::release_claims(c, &[(id, token)]).await.unwrap(),
         1
@@ -65,9 +76,13 @@ async fn run_hot_statements(c: &mut AsyncPgConnection, round: u32) {
             .unwrap()
             .is_some()
     );
-    let status = PaymentStatus::Succeeded;
+    let outcome = payments::Outcome {
+        status: PaymentStatus::Succeeded,
+        charge_id: Some("ch_1"),
+        failure: None,
+    };
     assert!(
-        payments::finalise(c, id, token, status)
+        payments::finalise(c, id, token, outcome)
             .await
             .unwrap()
             .is_some()
@@ -95,7 +110,10 @@ async fn hot_statements_are_prepared_once_per_connection() {
     for needle in [
         "WITH p AS ( INSERT INTO payments",
         "LEFT JOIN LATERAL",
-        "UPDATE payments SET claim_token = $2",
+        "UPDATE payments p SET claim_token = $2",
+        "UPDATE payments p SET claim_token = $1",
+        "UPDATE payments SET gateway_state = 'unknown'",
+        "SELECT (SELECT count(*) FROM payments",
         "SELECT status, (extract(epoch",
         "FROM unnest($1::uuid[], $2::uuid[])",
         "UPDATE payments SET status = $3",

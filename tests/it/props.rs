@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use async_pay::api::payments::{PaymentRequest, canonical_json};
+use async_pay::api::idempotency::canonical_json;
+use async_pay::api::payments::PaymentRequest;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 

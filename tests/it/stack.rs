@@ -51,6 +51,23 @@ impl Proc {
         None
     }
 
+    /// SIGINT (Ctrl-C), then waits for the exit; its status, or None if it did not exit within
+    /// `limit` (it is then killed).
+    pub fn interrupt(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        let _ = Command::new("kill")
+            .args(["-INT", &self.pid().to_string()])
+            .status();
+        while started.elapsed() < limit {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        None
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
@@ -71,9 +88,16 @@ struct Poster {
 
 impl Poster {
     /// (status, payment id if accepted); status 0 when no response came.
-    fn post(&self, idempotency_key: &str) -> (u16, Option<String>) {
-        let body =
-            json!({"amount": "1.00", "currency": "USD", "webhook_url": self.hook}).to_string();
+    fn post(
+        &self,
+        idempotency_key: &str,
+        metadata: Option<serde_json::Value>,
+    ) -> (u16, Option<String>) {
+        let mut body = json!({"amount": "1.00", "currency": "USD", "webhook_url": self.hook});
+        if let Some(m) = metadata {
+            body["metadata"] = m;
+        }
+        let body = body.to_string();
         match self
             .agent
             .post(&self.url)
@@ -106,14 +130,6 @@ pub struct Stack {
     pub env: Vec<(String, String)>,
     pub logs: PathBuf,
     procs: Vec<Proc>,
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Drop for Stack {
@@ -240,6 +256,18 @@ impl Stack {
         n
     }
 
+    /// Runs a one-shot command (`reconcile`, `relay --once`, `dlq list`) with this stack's
+    /// environment and waits for it.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_async-pay"))
+            .args(args)
+            .env_remove("ASYNC_PAY_CONFIG")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
     pub fn proc(&mut self, i: usize) -> &mut Proc {
         &mut self.procs[i]
     }
@@ -250,28 +278,7 @@ impl Stack {
 
     /// Waits until `serve` answers /health with 200.
     pub async fn wait_healthy(&self) {
-        let url = self.url("/health");
-        eventually(Duration::from_secs(30), "serve to be healthy", || {
-            let url = url.clone();
-            async move {
-                let ok = tokio::task::spawn_blocking(move || {
-                    let agent: ureq::Agent = ureq::Agent::config_builder()
-                        .http_status_as_error(false)
-                        .timeout_global(Some(Duration::from_secs(2)))
-                        .build()
-                        .into();
-                    agent
-                        .get(&url)
-                        .call()
-                        .map(|r| r.status().as_u16() == 200)
-                        .unwrap_or(false)
-                })
-                .await
-                .unwrap();
-                ok.then_some(())
-            }
-        })
-        .await;
+        wait_healthy(&self.url("/health")).await;
     }
 
     /// POSTs one payment whose webhook goes to the receiver; returns (status, payment id).
@@ -293,6 +300,17 @@ impl Stack {
 
     /// POSTs `n` payments from `threads` threads; returns the accepted ids and every status seen.
     pub fn pay_many(&self, prefix: &str, n: usize, threads: usize) -> (Vec<String>, Vec<u16>) {
+        self.pay_many_with(prefix, n, threads, |_| None)
+    }
+
+    /// [`Stack::pay_many`], payment `i` with `metadata(i)`.
+    pub fn pay_many_with(
+        &self,
+        prefix: &str,
+        n: usize,
+        threads: usize,
+        metadata: fn(usize) -> Option<serde_json::Value>,
+    ) -> (Vec<String>, Vec<u16>) {
         let per = n.div_ceil(threads);
         let handles: Vec<_> = (0..threads)
             .map(|t| {
@@ -301,7 +319,7 @@ impl Stack {
                     let mut ids = Vec::new();
                     let mut statuses = Vec::new();
                     for i in (t * per)..((t + 1) * per).min(n) {
-                        let (status, id) = poster.post(&format!("{prefix}-{i}"));
+                        let (status, id) = poster.post(&format!("{prefix}-{i}"), metadata(i));
                         statuses.push(status);
                         ids.extend(id);
                     }
@@ -336,7 +354,7 @@ impl Stack {
                 if stop.load(Ordering::SeqCst) {
                     break;
                 }
-                let (status, id) = poster.post(&format!("{prefix}-{i}"));
+                let (status, id) = poster.post(&format!("{prefix}-{i}"), None);
                 statuses.push(status);
                 ids.extend(id);
                 next += every;

@@ -3,8 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_pay::gateway::SimulatedGateway;
-use async_pay::roles::consume::{Disposition, Handled, Processor};
+use async_pay::gateway::simulated::SimulatedGateway;
+use async_pay::processing::{Outcome, Processor};
+use async_pay::roles::consume::{Disposition, Handled, handle_one};
 use async_pay::roles::relay;
 use async_pay::shutdown::Shutdown;
 use serde_json::json;
@@ -178,8 +179,8 @@ async fn a_webhook_due_when_the_process_stopped_is_delivered_after_restart() {
     );
     let body = json!({"payment_id": id}).to_string();
     assert!(matches!(
-        p.handle_one(body.as_bytes(), 0).await,
-        Disposition::Ack(Handled::Finalised(..))
+        handle_one(&p, body.as_bytes(), 0, s.amqp.delivery_limit).await,
+        Disposition::Ack(Handled::Processed(Outcome::Finalised(..)))
     ));
     drop(p);
     assert_eq!(
@@ -473,6 +474,123 @@ async fn a_private_target_is_refused_again_at_delivery() {
          WHERE d.payment_id = '{id}' AND a.error LIKE '%SSRF%'"
     ));
     assert_eq!(guarded_errors, 3);
+    roles.stop().await;
+}
+
+/// Posts a payment with `url` as its webhook; returns the response.
+async fn with_hook(app: &TestApp, key: &str, url: &str) -> Resp {
+    app.post_payment(
+        KEY_A,
+        key,
+        json!({"amount": "1", "currency": "RUB", "webhook_url": url}),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reserved_ranges_and_ports_outside_the_allow_list_are_refused_with_the_reason() {
+    let db = TestDb::new().await;
+    let mut s = settings(&db.url);
+    s.webhook.allow_private_targets = false;
+    let app = TestApp::spawn_with(db, s.clone());
+    for (i, (url, why)) in [
+        (
+            "http://198.18.0.1/",
+            "must not point to 198.18.0.0/15 (benchmarking, RFC 2544)",
+        ),
+        ("http://[64:ff9b:1::a00:1]/", "(local-use NAT64, RFC 8215)"),
+        (
+            "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",
+            "(Teredo, RFC 4380)",
+        ),
+        (
+            "http://[::ffff:0:a00:1]/",
+            "(IPv4-translated (SIIT), RFC 2765)",
+        ),
+        ("http://[::ffff:c612:1]/", "(benchmarking, RFC 2544)"),
+        (
+            "https://203.0.113.9/",
+            "(documentation (TEST-NET-3), RFC 5737)",
+        ),
+        ("http://[2001:db8::1]/", "(documentation, RFC 3849)"),
+        (
+            "https://93.184.216.34:22/",
+            "must use one of the ports 80, 443, 8080, 8443 (not 22)",
+        ),
+        ("http://93.184.216.34:6379/", "(not 6379)"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = with_hook(&app, &format!("refused-{i}"), url).await;
+        assert_eq!(r.status, 422, "{url}: {}", r.text);
+        assert_eq!(r.code(), "validation_failed", "{url}");
+        assert_eq!(r.json["error"]["field"], "webhook_url", "{url}");
+        let message = r.json["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{url}: {message}");
+    }
+    for (i, url) in [
+        "https://93.184.216.34/hook",
+        "http://93.184.216.34:8080/",
+        "https://93.184.216.34:8443/",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = with_hook(&app, &format!("allowed-{i}"), url).await;
+        assert_eq!(r.status, 202, "{url}: {}", r.text);
+    }
+
+    // The allow list is a setting.
+    let db = TestDb::new().await;
+    s.database.url = async_pay::config::Secret::new(db.url.as_str());
+    s.webhook.allowed_ports = vec![9443];
+    let custom = TestApp::spawn_with(db, s.clone());
+    let r = with_hook(&custom, "custom-443", "https://93.184.216.34/").await;
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert!(
+        r.text.contains("must use one of the ports 9443 (not 443)"),
+        "{}",
+        r.text
+    );
+    let r = with_hook(&custom, "custom-9443", "https://93.184.216.34:9443/").await;
+    assert_eq!(r.status, 202, "{}", r.text);
+
+    // Development mode (private targets allowed) checks neither ranges nor ports.
+    let db = TestDb::new().await;
+    s.database.url = async_pay::config::Secret::new(db.url.as_str());
+    s.webhook.allow_private_targets = true;
+    let dev = TestApp::spawn_with(db, s);
+    for (i, url) in ["http://198.18.0.1:22/", "http://127.0.0.1:5432/"]
+        .into_iter()
+        .enumerate()
+    {
+        let r = with_hook(&dev, &format!("dev-{i}"), url).await;
+        assert_eq!(r.status, 202, "{url}: {}", r.text);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_outside_the_allow_list_is_refused_again_at_delivery() {
+    let db = TestDb::new().await;
+    // Accepted by an API in development mode (or before the allow list existed); the sender with
+    // the guard on refuses to connect.
+    let (s, _broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let mut guarded = s.clone();
+    guarded.webhook.allow_private_targets = false;
+    let mut roles = Roles::new();
+    roles.consume(&guarded, Arc::new(SimulatedGateway::new(&s.gateway)));
+    let id = pay(&app, &s, "port", "http://93.184.216.34:22/").await;
+    eventually(Duration::from_secs(15), "the delivery to fail", || async {
+        (delivery_status(&app, &id, "failed") == 1).then_some(())
+    })
+    .await;
+    let refused = app.db.count(&format!(
+        "SELECT count(*) AS n FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id \
+         WHERE d.payment_id = '{id}' AND a.error LIKE '%SSRF guard%(not 22)%' AND a.status_code IS NULL"
+    ));
+    assert_eq!(refused, 3, "every attempt refused before connecting");
     roles.stop().await;
 }
 

@@ -1,6 +1,8 @@
 //! Pure domain types: money, currencies, payment statuses and their allowed transitions.
 //! Nothing here touches the database or the network.
 
+pub mod events;
+
 use std::fmt;
 use std::str::FromStr;
 

@@ -1,0 +1,13 @@
+DROP INDEX payments_pending_created_idx;
+DROP INDEX payments_next_check_idx;
+ALTER TABLE payments
+    DROP CONSTRAINT payments_failure_check,
+    DROP CONSTRAINT payments_outcome_final_check,
+    DROP CONSTRAINT payments_gateway_pending_check,
+    DROP COLUMN failure_message,
+    DROP COLUMN failure_code,
+    DROP COLUMN charge_id,
+    DROP COLUMN next_check_at,
+    DROP COLUMN gateway_checks,
+    DROP COLUMN gateway_reason,
+    DROP COLUMN gateway_state;

@@ -74,11 +74,13 @@ _urls:
     @echo "Prometheus:  http://localhost:${PROMETHEUS_PORT:-9090}   (alerts: /alerts, targets: /targets)"
     @echo "Grafana:     http://localhost:${GRAFANA_PORT:-3000}   (admin / \$GRAFANA_PASSWORD, default admin; dashboard async-pay)"
 
-# Like `up` (without Prometheus and Grafana), but RabbitMQ is a 3-node cluster (profile `cluster`) with two relays and three consumers given all three nodes.
+# Like `up`, but RabbitMQ is a 3-node cluster (profile `cluster`) with two relays and three consumers given all three nodes.
 up-cluster:
-    docker compose --profile cluster up -d --build postgres migrate serve rabbitmq-1 rabbitmq-2 rabbitmq-3 relay-cluster consume-cluster dlq-watch-cluster
-    @echo "API:                  http://localhost:${API_PORT:-8000}/health"
-    @echo "RabbitMQ UI (node 1): http://localhost:${RABBITMQ_CLUSTER_UI_PORT:-15673}"
+    docker compose --profile cluster --profile observability up -d --build postgres migrate serve rabbitmq-1 rabbitmq-2 rabbitmq-3 relay-cluster consume-cluster dlq-watch-cluster prometheus grafana
+    @echo "API:         http://localhost:${API_PORT:-8000}/health   (metrics: /metrics)"
+    @echo "RabbitMQ UI: http://localhost:${RABBITMQ_CLUSTER_UI_PORT:-15673}   (node 1 of the cluster)"
+    @echo "Prometheus:  http://localhost:${PROMETHEUS_PORT:-9090}"
+    @echo "Grafana:     http://localhost:${GRAFANA_PORT:-3000}"
 
 # Stop and remove the stack's containers (the data volumes stay).
 down:

@@ -19,6 +19,10 @@ migrate:
 test *ARGS:
     cargo nextest run {{ARGS}}
 
+# The 3-node RabbitMQ cluster test: kills and hangs nodes under load and prints how long the pipeline stalled (about 2 minutes; not part of `just test`, CI runs it).
+test-cluster *ARGS:
+    cargo nextest run --run-ignored only -E 'test(/^cluster::/)' {{ARGS}}
+
 # Benchmark against the local services (issue 6): `just bench`, or `just bench --quick` (CI).
 bench *ARGS:
     python3 bench/bench.py {{ARGS}}
@@ -70,17 +74,25 @@ _urls:
     @echo "Prometheus:  http://localhost:${PROMETHEUS_PORT:-9090}   (alerts: /alerts, targets: /targets)"
     @echo "Grafana:     http://localhost:${GRAFANA_PORT:-3000}   (admin / \$GRAFANA_PASSWORD, default admin; dashboard async-pay)"
 
+# Like `up`, but RabbitMQ is a 3-node cluster (profile `cluster`) with two relays and three consumers given all three nodes.
+up-cluster:
+    docker compose --profile cluster --profile observability up -d --build postgres migrate serve rabbitmq-1 rabbitmq-2 rabbitmq-3 relay-cluster consume-cluster dlq-watch-cluster prometheus grafana
+    @echo "API:         http://localhost:${API_PORT:-8000}/health   (metrics: /metrics)"
+    @echo "RabbitMQ UI: http://localhost:${RABBITMQ_CLUSTER_UI_PORT:-15673}   (node 1 of the cluster)"
+    @echo "Prometheus:  http://localhost:${PROMETHEUS_PORT:-9090}"
+    @echo "Grafana:     http://localhost:${GRAFANA_PORT:-3000}"
+
 # Stop and remove the stack's containers (the data volumes stay).
 down:
-    docker compose --profile cron --profile observability down --remove-orphans
+    docker compose --profile cron --profile cluster --profile observability down --remove-orphans
 
 # Follow the stack's logs (all services, or the ones named: `just logs consume`).
 logs *SERVICES:
-    docker compose --profile cron --profile observability logs -f {{SERVICES}}
+    docker compose --profile cron --profile cluster --profile observability logs -f {{SERVICES}}
 
 # Stop the stack and delete its volumes (the database, RabbitMQ's, Prometheus' and Grafana's data).
 clean:
-    docker compose --profile cron --profile observability down -v --remove-orphans
+    docker compose --profile cron --profile cluster --profile observability down -v --remove-orphans
 
 # What CI checks of the container setup without an engine: compose.yaml, the image's build command, a smoke run of the binary.
 check-image:

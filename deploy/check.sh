@@ -2,9 +2,11 @@
 # Checks the container setup on a machine without a Docker engine (CI runs it; `just check-image`):
 #
 #  1. compose.yaml is valid for `docker-compose config` (Debian's package, installed if missing),
-#     without profiles, with the cron profile and with the observability profile (Prometheus and
-#     Grafana; their own files are checked by `just prometheus-check`), and every service that
-#     runs the image calls a subcommand the binary has.
+#     without profiles, with the cron profile, with the observability profile (Prometheus and
+#     Grafana; their own files are checked by `just prometheus-check`) and with the cluster
+#     profile; every service that runs the image calls a subcommand the binary has, and the
+#     cluster profile's roles are given all three nodes, which deploy/rabbitmq-cluster.conf
+#     lists for peer discovery.
 #  2. The binary builds exactly as the image builds it: deploy/build-binary.sh is the command the
 #     Dockerfile's build stage runs. It links nothing that debian:bookworm-slim lacks.
 #  3. That binary, configured like a container (deploy/config.toml, secrets from the environment),
@@ -33,9 +35,11 @@ export ASYNC_PAY__MERCHANTS='[{name = "check", api_key = "check-only-key", webho
 docker-compose -f compose.yaml config -q
 docker-compose -f compose.yaml --profile cron config -q
 docker-compose -f compose.yaml --profile observability config -q
-all_profiles=(--profile cron --profile observability)
+docker-compose -f compose.yaml --profile cluster config -q
+all_profiles=(--profile cron --profile observability --profile cluster)
 services=$(docker-compose -f compose.yaml "${all_profiles[@]}" config --services)
-for s in postgres rabbitmq migrate serve relay consume dlq-watch relay-cron prometheus grafana; do
+for s in postgres rabbitmq migrate serve relay consume dlq-watch relay-cron prometheus grafana \
+  rabbitmq-1 rabbitmq-2 rabbitmq-3 relay-cluster consume-cluster dlq-watch-cluster; do
   grep -qx "$s" <<<"$services" || fail "compose.yaml has no service $s"
 done
 # Files the containers mount from this repository exist (compose would create a missing one as
@@ -49,6 +53,26 @@ for name, s in yaml.safe_load(sys.stdin)["services"].items():
         if source.startswith("/") and not os.path.exists(source):
             sys.exit(f"compose.yaml: service {name} mounts {source}, which does not exist")
 '
+# The cluster profile: 2 relays and 3 consumers (and dlq-watch), each given the three nodes.
+docker-compose -f compose.yaml --profile cluster config | python3 -c '
+import sys, yaml
+services = yaml.safe_load(sys.stdin)["services"]
+nodes = ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"]
+for name, replicas in [("relay-cluster", 2), ("consume-cluster", 3), ("dlq-watch-cluster", 1)]:
+    s = services[name]
+    got = (s.get("deploy") or {}).get("replicas", 1)
+    assert got == replicas, f"{name}: {got} replicas, expected {replicas}"
+    hosts = [u.split("@")[-1].split(":")[0] for u in s["environment"]["AMQP_URL"].split(",")]
+    assert hosts == nodes, f"{name} is given {hosts}, expected {nodes}"
+    assert all(n in s["depends_on"] for n in nodes), f"{name} does not wait for every node"
+for n in nodes:
+    assert services[n]["hostname"] == n, f"{n}: its host name makes its node name"
+print("cluster profile: relays, consumers and dlq-watch are given", ", ".join(nodes))
+' || fail "the cluster profile of compose.yaml is not what README: Scaling says"
+for n in 1 2 3; do
+  grep -qx "cluster_formation.classic_config.nodes.$n = rabbit@rabbitmq-$n" deploy/rabbitmq-cluster.conf \
+    || fail "deploy/rabbitmq-cluster.conf does not list rabbit@rabbitmq-$n"
+done
 # "image-service command" lines: the subcommand each service of the image runs.
 commands=$(docker-compose -f compose.yaml "${all_profiles[@]}" config | python3 -c '
 import sys, yaml

@@ -1,6 +1,8 @@
 //! Settings: `config.example.toml` is the documented, compiled-in default; a file given with
 //! `--config` (or `ASYNC_PAY_CONFIG`) is merged over it, then `DATABASE_URL` / `AMQP_URL`, then
 //! `ASYNC_PAY__<SECTION>__<KEY>` environment variables. Unknown keys are an error naming the key.
+//! `amqp.url`, the older spelling of a single broker address, is read as `amqp.urls` with one
+//! element in every layer.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -40,7 +42,9 @@ pub struct MetricsSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmqpSettings {
-    pub url: Secret,
+    /// The nodes of one RabbitMQ cluster (or the one broker); see [`AmqpSettings::addresses`].
+    #[serde(with = "secret_list")]
+    pub urls: Vec<Secret>,
     pub exchange: String,
     pub queue: String,
     pub routing_key: String,
@@ -287,6 +291,140 @@ pub mod duration_list {
     }
 }
 
+/// A list of secrets (broker URLs): a TOML list of strings, or one string of comma-separated
+/// items (`AMQP_URL=amqp://a:5672,amqp://b:5672`). A comma inside an item is written `%2C`.
+pub mod secret_list {
+    use serde::de::{SeqAccess, Visitor};
+    use serde::ser::SerializeSeq;
+    use serde::{Deserializer, Serializer};
+
+    use super::Secret;
+
+    pub fn serialize<S: Serializer>(v: &[Secret], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for item in v {
+            seq.serialize_element(item)?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+        d.deserialize_any(Items)
+    }
+
+    struct Items;
+
+    impl<'de> Visitor<'de> for Items {
+        type Value = Vec<Secret>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a URL, several separated by commas, or a list of URLs")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
+                .collect())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(item) = seq.next_element::<String>()? {
+                out.push(Secret::new(item.trim()));
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// One address of `amqp.urls`, taken apart.
+#[derive(Debug, Clone)]
+pub struct AmqpAddress {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Secret,
+    pub vhost: String,
+    /// The URL with its password replaced, for logs and errors.
+    pub redacted: String,
+}
+
+impl AmqpAddress {
+    /// `amqp://user:password@host:port/vhost`; user and password default to guest, the port to
+    /// 5672, the vhost to `/` (written `%2f`). The error never contains the password.
+    pub fn parse(raw: &str) -> Result<AmqpAddress, String> {
+        let redacted = redact_url(raw);
+        let url = url::Url::parse(raw).map_err(|e| format!("{redacted} is not a URL ({e})"))?;
+        if url.scheme() != "amqp" {
+            return Err(format!(
+                "must start with amqp:// (TLS is not built in), got {redacted}"
+            ));
+        }
+        let user = match url.username() {
+            "" => "guest".to_string(),
+            u => percent_decode(u),
+        };
+        let password = Secret::new(
+            url.password()
+                .map_or_else(|| "guest".into(), percent_decode),
+        );
+        let vhost = match url.path() {
+            "" | "/" => "/".to_string(),
+            p => percent_decode(&p[1..]),
+        };
+        Ok(AmqpAddress {
+            host: url
+                .host_str()
+                .filter(|h| !h.is_empty())
+                .unwrap_or("127.0.0.1")
+                .to_string(),
+            port: url.port().unwrap_or(5672),
+            user,
+            password,
+            vhost,
+            redacted,
+        })
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl AmqpSettings {
+    /// Every address of `urls`, taken apart; an error names the first bad one.
+    pub fn addresses(&self) -> anyhow::Result<Vec<AmqpAddress>> {
+        if self.urls.is_empty() {
+            bail!("invalid configuration at `amqp.urls`: at least one broker address is needed");
+        }
+        self.urls
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                AmqpAddress::parse(u.expose())
+                    .map_err(|e| anyhow::anyhow!("invalid configuration at `amqp.urls[{i}]`: {e}"))
+            })
+            .collect()
+    }
+}
+
 impl Settings {
     /// Loads the settings the way every role does: defaults, file, environment.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
@@ -304,18 +442,23 @@ impl Settings {
         if let Some(path) = path {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read config file {}", path.display()))?;
-            let file: toml::Table = toml::from_str(&text)
+            let mut file: toml::Table = toml::from_str(&text)
                 .with_context(|| format!("config file {} is not valid TOML", path.display()))?;
+            fold_amqp_url(&mut file).with_context(|| format!("config file {}", path.display()))?;
             merge(&mut merged, file);
         }
         let env: HashMap<String, String> = env.into_iter().collect();
-        for (shorthand, section) in [("DATABASE_URL", "database"), ("AMQP_URL", "amqp")] {
+        // AMQP_URL may hold several addresses, comma-separated (read by `secret_list`).
+        for (shorthand, section, key) in [
+            ("DATABASE_URL", "database", "url"),
+            ("AMQP_URL", "amqp", "urls"),
+        ] {
             if let Some(v) = env.get(shorthand).filter(|v| !v.is_empty())
                 && defaults.contains_key(section)
             {
                 set_path(
                     &mut merged,
-                    &[section.to_string(), "url".to_string()],
+                    &[section.to_string(), key.to_string()],
                     toml::Value::String(v.clone()),
                 );
             }
@@ -326,10 +469,13 @@ impl Settings {
             .collect();
         overrides.sort();
         for (key, raw) in overrides {
-            let path: Vec<String> = key[ENV_PREFIX.len()..]
+            let mut path: Vec<String> = key[ENV_PREFIX.len()..]
                 .split("__")
                 .map(str::to_ascii_lowercase)
                 .collect();
+            if path == ["amqp", "url"] {
+                path[1] = "urls".to_string();
+            }
             if path.iter().any(String::is_empty) {
                 bail!("environment variable {key}: empty section or key name");
             }
@@ -348,6 +494,7 @@ impl Settings {
                 // reach a log or a terminal.
                 let why = if path.starts_with("merchants")
                     || path.ends_with("url")
+                    || path.ends_with("urls")
                     || path.ends_with("api_key")
                 {
                     without_quoted(&e.inner().to_string())
@@ -368,6 +515,7 @@ impl Settings {
         if self.server.max_body.0 == 0 {
             bail!("invalid configuration at `server.max_body`: must be more than 0 bytes");
         }
+        self.amqp.addresses()?;
         if self.amqp.delivery_limit == 0 {
             bail!("invalid configuration at `amqp.delivery_limit`: must be at least 1");
         }
@@ -446,6 +594,20 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// Reads `amqp.url` of one layer as `amqp.urls` (a layer setting both is an error).
+fn fold_amqp_url(layer: &mut toml::Table) -> anyhow::Result<()> {
+    let Some(toml::Value::Table(amqp)) = layer.get_mut("amqp") else {
+        return Ok(());
+    };
+    if let Some(url) = amqp.remove("url") {
+        if amqp.contains_key("urls") {
+            bail!("invalid configuration at `amqp.url`: set amqp.url or amqp.urls, not both");
+        }
+        amqp.insert("urls".to_string(), url);
+    }
+    Ok(())
 }
 
 impl Settings {
@@ -821,6 +983,85 @@ mod tests {
         assert!(two("k1", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
         assert!(two("k2", "whsec_5FXVJnDsZtZr1/Khk2JT33r5q9dF2GBAPID525tBOoU=").is_err());
         assert!(two("k2", "not-a-secret").is_err());
+    }
+
+    #[test]
+    fn amqp_urls_take_a_list_a_comma_separated_string_or_the_old_single_url() {
+        let urls = |s: &Settings| -> Vec<String> {
+            s.amqp.urls.iter().map(|u| u.expose().to_string()).collect()
+        };
+        let s = load_env(&[]).unwrap();
+        assert_eq!(urls(&s), ["amqp://guest:guest@127.0.0.1:5672/%2f"]);
+
+        let s =
+            load_env(&[("AMQP_URL", "amqp://a:p@h1:5681/%2f, amqp://a:p@h2:5682/%2f")]).unwrap();
+        assert_eq!(
+            urls(&s),
+            ["amqp://a:p@h1:5681/%2f", "amqp://a:p@h2:5682/%2f"]
+        );
+        let hosts: Vec<(String, u16)> = s
+            .amqp
+            .addresses()
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.host, a.port))
+            .collect();
+        assert_eq!(hosts, [("h1".to_string(), 5681), ("h2".to_string(), 5682)]);
+
+        let s = load_env(&[("ASYNC_PAY__AMQP__URL", "amqp://h3")]).unwrap();
+        assert_eq!(urls(&s), ["amqp://h3"]);
+        let s = load_env(&[("ASYNC_PAY__AMQP__URLS", r#"["amqp://h4", "amqp://h5"]"#)]).unwrap();
+        assert_eq!(urls(&s), ["amqp://h4", "amqp://h5"]);
+
+        let dir = std::env::temp_dir().join(format!("async-pay-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = dir.join("old.toml");
+        std::fs::write(&old, "[amqp]\nurl = \"amqp://u:p@old:5999/v\"\n").unwrap();
+        let s = Settings::load_from(Some(&old), Vec::new()).unwrap();
+        assert_eq!(
+            urls(&s),
+            ["amqp://u:p@old:5999/v"],
+            "amqp.url is a list of one"
+        );
+        let a = &s.amqp.addresses().unwrap()[0];
+        assert_eq!(
+            (a.host.as_str(), a.port, a.user.as_str(), a.vhost.as_str()),
+            ("old", 5999, "u", "v")
+        );
+        assert_eq!(a.redacted, "amqp://u:***@old:5999/v");
+        // The environment still wins over the file's single url.
+        let s = Settings::load_from(
+            Some(&old),
+            vec![("AMQP_URL".to_string(), "amqp://e1,amqp://e2".to_string())],
+        )
+        .unwrap();
+        assert_eq!(urls(&s), ["amqp://e1", "amqp://e2"]);
+        let both = dir.join("both.toml");
+        std::fs::write(&both, "[amqp]\nurl = \"amqp://a\"\nurls = [\"amqp://b\"]\n").unwrap();
+        let err = format!(
+            "{:#}",
+            Settings::load_from(Some(&both), Vec::new()).unwrap_err()
+        );
+        assert!(err.contains("amqp.url or amqp.urls, not both"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_bad_broker_address_is_named_without_its_password() {
+        let err = |v: &str| format!("{:#}", load_env(&[("AMQP_URL", v)]).unwrap_err());
+        let e = err("amqp://u:hunter2@h1/%2f,amqps://u:hunter2@h2/%2f");
+        assert!(e.contains("amqp.urls[1]") && e.contains("TLS"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = err("amqp://u:hunter2@h1/%2f,not a url hunter2");
+        assert!(e.contains("amqp.urls[1]"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = err(",");
+        assert!(e.contains("at least one broker address"), "{e}");
+        let e = format!(
+            "{:#}",
+            load_env(&[("ASYNC_PAY__AMQP__URLS", "[1, 2]")]).unwrap_err()
+        );
+        assert!(e.contains("amqp.urls"), "{e}");
     }
 
     #[test]

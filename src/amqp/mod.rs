@@ -1,9 +1,13 @@
-//! RabbitMQ: connecting, logging what the broker says on callbacks, the one topology declarer,
-//! and the confirming publisher. amqprs does not reconnect by itself: each role's loop reopens
-//! the connection (through [`connect`]) and re-declares the topology after a failure.
+//! RabbitMQ: connecting (to one of several cluster nodes), logging what the broker says on
+//! callbacks, the one topology declarer, and the confirming publisher. amqprs connects to one
+//! address and does not reconnect by itself: each role's loop reopens the connection (through
+//! [`connect`], which moves on to the next address) and re-declares the topology after a failure.
 
 pub mod publisher;
 pub mod topology;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use amqprs::callbacks::{ChannelCallback, ConnectionCallback};
 use amqprs::channel::Channel;
@@ -14,69 +18,104 @@ use amqprs::{
 use anyhow::Context;
 use async_trait::async_trait;
 
-use crate::config::{AmqpSettings, redact_url};
+use crate::config::{AmqpAddress, AmqpSettings};
 
 /// Heartbeat interval in seconds: a dead TCP peer is noticed within about twice this.
 const HEARTBEAT_SECS: u16 = 10;
 
-/// Opens a connection named after the role (shown in the management UI).
+/// How long one address gets to answer the AMQP handshake. A healthy broker answers within
+/// milliseconds; a hung node (stopped, swapping, partitioned) accepts the TCP connection and
+/// then says nothing, so this is what it costs before the next address is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where this process's next connection attempt starts in `amqp.urls`; `usize::MAX` until the
+/// first attempt, which starts at a random address so that processes spread over the nodes.
+static NEXT_ADDRESS: AtomicUsize = AtomicUsize::new(usize::MAX);
+/// The address this process last connected to.
+static LAST_ADDRESS: AtomicUsize = AtomicUsize::new(0);
+
+/// Opens a connection, named after the role (shown in the management UI), to the first address
+/// of `amqp.urls` that answers. The first attempt of a process starts at a random address. Every
+/// later one (the roles reconnect, with their backoff, after a lost connection or a failed
+/// operation) starts at the address after the one it last connected to, so a role moves away
+/// from a node that failed; unless the role closed that connection with [`close`] and the broker
+/// answered, which shows the node works (a nack or a missing confirm can come from a queue
+/// leader on another node), so the next attempt starts at it again.
 pub async fn connect(settings: &AmqpSettings, role: &str) -> anyhow::Result<Connection> {
-    let raw = settings.url.expose();
-    let url =
-        url::Url::parse(raw).with_context(|| format!("invalid amqp.url {}", redact_url(raw)))?;
-    if url.scheme() != "amqp" {
-        anyhow::bail!(
-            "amqp.url must start with amqp:// (TLS is not built in), got {}",
-            redact_url(raw)
-        );
+    let addresses = settings.addresses()?;
+    let n = addresses.len();
+    let first = match NEXT_ADDRESS.load(Ordering::Relaxed) {
+        usize::MAX => fastrand::usize(..n),
+        i => i % n,
+    };
+    let mut errors = Vec::with_capacity(n);
+    for i in (first..first + n).map(|i| i % n) {
+        let address = &addresses[i];
+        match open(address, role).await {
+            Ok(conn) => {
+                LAST_ADDRESS.store(i, Ordering::Relaxed);
+                NEXT_ADDRESS.store(i + 1, Ordering::Relaxed);
+                log::info!("{role} connected to RabbitMQ at {}", address.redacted);
+                return Ok(conn);
+            }
+            Err(e) => errors.push(e),
+        }
     }
-    let host = url.host_str().unwrap_or("127.0.0.1");
-    let port = url.port().unwrap_or(5672);
-    let decode = |s: &str| percent_decode(s);
-    let user = if url.username().is_empty() {
-        "guest".to_string()
-    } else {
-        decode(url.username())
-    };
-    let pass = url
-        .password()
-        .map(decode)
-        .unwrap_or_else(|| "guest".to_string());
-    let vhost = match url.path() {
-        "" | "/" => "/".to_string(),
-        p => decode(&p[1..]),
-    };
-    let mut args = OpenConnectionArguments::new(host, port, &user, &pass);
-    args.virtual_host(&vhost)
+    // Next time, start after the address tried first rather than at it again.
+    NEXT_ADDRESS.store(first + 1, Ordering::Relaxed);
+    match errors.len() {
+        1 => Err(errors.remove(0)),
+        _ => {
+            let each: Vec<String> = errors.iter().map(|e| format!("{e:#}")).collect();
+            anyhow::bail!("no RabbitMQ address answered: {}", each.join("; "))
+        }
+    }
+}
+
+async fn open(address: &AmqpAddress, role: &str) -> anyhow::Result<Connection> {
+    let mut args = OpenConnectionArguments::new(
+        &address.host,
+        address.port,
+        &address.user,
+        address.password.expose(),
+    );
+    args.virtual_host(&address.vhost)
         .heartbeat(HEARTBEAT_SECS)
         .connection_name(&format!("async-pay {role} pid {}", std::process::id()));
-    let conn = tokio::time::timeout(std::time::Duration::from_secs(10), Connection::open(&args))
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, Connection::open(&args))
         .await
-        .map_err(|_| anyhow::anyhow!("no answer from RabbitMQ at {} within 10s", redact_url(raw)))?
-        .with_context(|| format!("cannot connect to RabbitMQ at {}", redact_url(raw)))?;
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from RabbitMQ at {} within {CONNECT_TIMEOUT:?}",
+                address.redacted
+            )
+        })?
+        .with_context(|| format!("cannot connect to RabbitMQ at {}", address.redacted))?;
     conn.register_callback(LogConnection)
         .await
         .context("cannot register the connection callback")?;
     Ok(conn)
 }
 
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
-        {
-            out.push(b);
-            i += 3;
-            continue;
+/// How long closing a connection waits for the broker's answer. A hung node never answers: the
+/// connection is then dropped (its socket goes once the heartbeat gives up on it) and the role
+/// moves on to another node now rather than after up to 2 × [`HEARTBEAT_SECS`].
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Closes a connection, waiting at most [`CLOSE_TIMEOUT`] for the broker. If the broker answered,
+/// the next [`connect`] starts at its address again (see there).
+pub async fn close(conn: Connection) {
+    // amqprs answers Ok without asking the broker when the connection is already gone.
+    let was_open = conn.is_open();
+    match tokio::time::timeout(CLOSE_TIMEOUT, conn.close()).await {
+        Ok(Ok(())) if was_open => {
+            NEXT_ADDRESS.store(LAST_ADDRESS.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        out.push(bytes[i]);
-        i += 1;
+        Ok(_) => {}
+        Err(_) => log::warn!(
+            "RabbitMQ did not answer closing the connection within {CLOSE_TIMEOUT:?}; dropped it"
+        ),
     }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Opens a channel whose closing reason (a 406 on a mismatched declare, say) reaches the log.

@@ -175,8 +175,8 @@ async fn session(
     failures: &mut u32,
 ) -> anyhow::Result<()> {
     let conn = amqp::connect(&settings.amqp, "consume").await?;
+    topology::declare(&conn, &settings.amqp).await?;
     let ch = amqp::open_channel(&conn).await?;
-    topology::declare(&ch, &settings.amqp).await?;
     ch.basic_qos(BasicQosArguments::new(0, settings.amqp.prefetch, false))
         .await
         .context("basic.qos failed")?;

@@ -226,8 +226,8 @@ async fn session(
     failures: &mut u32,
 ) -> anyhow::Result<()> {
     let conn = amqp::connect(&settings.amqp, "dlq-watch").await?;
+    topology::declare(&conn, &settings.amqp).await?;
     let ch = amqp::open_channel(&conn).await?;
-    topology::declare(&ch, &settings.amqp).await?;
     ch.basic_qos(BasicQosArguments::new(0, PREFETCH, false))
         .await
         .context("basic.qos failed")?;
@@ -262,7 +262,6 @@ async fn session(
             _ = shutdown.wait() => break Ok(()),
         }
     };
-    let _ = ch.close().await;
-    let _ = conn.close().await;
+    amqp::close(conn).await;
     result
 }

@@ -102,9 +102,7 @@ pub async fn open_publisher(
     settings: &Settings,
 ) -> anyhow::Result<(amqprs::connection::Connection, Publisher)> {
     let conn = amqp::connect(&settings.amqp, "relay").await?;
-    let ch = amqp::open_channel(&conn).await?;
-    topology::declare(&ch, &settings.amqp).await?;
-    let _ = ch.close().await;
+    topology::declare(&conn, &settings.amqp).await?;
     let publisher = Publisher::open(
         &conn,
         &settings.amqp.exchange,
@@ -133,7 +131,7 @@ pub async fn run_once(settings: &Settings) -> anyhow::Result<usize> {
             );
         }
     }
-    let _ = amqp_conn.close().await;
+    amqp::close(amqp_conn).await;
     housekeep(&mut conn, settings.relay.retention).await;
     Ok(total)
 }
@@ -230,7 +228,7 @@ async fn session(
     // Let the batches in flight finish (each waits at most amqp.confirm_timeout for its confirms):
     // what the broker confirmed is marked published, the rest stays unpublished.
     while drains.next().await.is_some() {}
-    let _ = amqp_conn.close().await;
+    amqp::close(amqp_conn).await;
     result
 }
 

@@ -23,7 +23,7 @@ async fn publish_to(
 ) {
     let conn = broker.connect().await;
     let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
-    async_pay::amqp::topology::declare(&ch, &broker.settings)
+    async_pay::amqp::topology::declare(&conn, &broker.settings)
         .await
         .unwrap();
     for (id, body) in messages {
@@ -66,10 +66,10 @@ pub async fn take_and_die(
     wait: Duration,
 ) -> Result<Option<i64>, ()> {
     let mut s = broker.settings.clone();
-    s.url = async_pay::config::Secret::new(format!(
+    s.urls = vec![async_pay::config::Secret::new(format!(
         "amqp://guest:guest@127.0.0.1:{}/%2f",
         proxy.addr.port()
-    ));
+    ))];
     proxy.restore();
     let conn = async_pay::amqp::connect(&s, "test-crashing-consumer")
         .await

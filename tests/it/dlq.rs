@@ -456,10 +456,10 @@ async fn a_poison_dead_letter_does_not_stop_dlq_watch_recording() {
     );
     let body = |p: uuid::Uuid| json!({"payment_id": p}).to_string().into_bytes();
     let conn = broker.connect().await;
-    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
-    async_pay::amqp::topology::declare(&ch, &s.amqp)
+    async_pay::amqp::topology::declare(&conn, &s.amqp)
         .await
         .unwrap();
+    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
     // 1. NUL bytes in the message id and in a header: PostgreSQL text and jsonb refuse them.
     let mut headers = amqprs::FieldTable::new();
     headers.insert(

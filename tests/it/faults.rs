@@ -317,10 +317,10 @@ async fn poison_messages_on_the_real_binary_never_loop_or_stop_it() {
     let consumer = s.start("consume");
     s.wait_healthy().await;
     let conn = s.broker.connect().await;
-    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
-    async_pay::amqp::topology::declare(&ch, &s.broker.settings)
+    async_pay::amqp::topology::declare(&conn, &s.broker.settings)
         .await
         .unwrap();
+    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
     let unknown = serde_json::json!({"payment_id": uuid::Uuid::new_v4()}).to_string();
     for body in [
         b"\x00\xffnot json".to_vec(),

@@ -7,9 +7,11 @@
     reason = "a test that cannot set itself up should fail loudly"
 )]
 
+mod addresses;
 mod api;
 mod backstop;
 mod broker;
+mod cluster;
 mod db_errors;
 mod dev;
 mod dlq;
@@ -23,8 +25,10 @@ mod prepared;
 mod props;
 mod proxy;
 mod psp;
+mod rabbit_cluster;
 mod receiver;
 mod schema;
 mod stack;
 mod startup;
+mod topology;
 mod webhooks;

@@ -250,10 +250,10 @@ async fn a_role_serves_its_metrics_on_its_own_address() {
 /// Puts a message straight on the dead-letter exchange, as RabbitMQ would after giving up.
 async fn publish_dead_letter(broker: &TestBroker, s: &async_pay::config::Settings) {
     let conn = broker.connect().await;
-    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
-    async_pay::amqp::topology::declare(&ch, &s.amqp)
+    async_pay::amqp::topology::declare(&conn, &s.amqp)
         .await
         .unwrap();
+    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
     let props = amqprs::BasicProperties::default()
         .with_message_id("dead-by-hand")
         .finish();

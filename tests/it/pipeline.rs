@@ -417,8 +417,7 @@ async fn an_unroutable_publish_leaves_the_row_unpublished() {
     db.exec("INSERT INTO outbox (event_type, payload) VALUES ('payment.created', '{\"payment_id\": null}')").unwrap();
     // The topology exists, but this publisher's routing key matches no queue: basic.return.
     let conn = broker.connect().await;
-    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
-    async_pay::amqp::topology::declare(&ch, &s.amqp)
+    async_pay::amqp::topology::declare(&conn, &s.amqp)
         .await
         .unwrap();
     let publisher = async_pay::amqp::publisher::Publisher::open(
@@ -554,10 +553,10 @@ async fn poison_messages_are_acked_and_do_not_stop_the_consumer() {
         .consume(&s, Arc::new(SimulatedGateway::new(&s.gateway)))
         .dlq_watch(&s);
     let conn = broker.connect().await;
-    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
-    async_pay::amqp::topology::declare(&ch, &s.amqp)
+    async_pay::amqp::topology::declare(&conn, &s.amqp)
         .await
         .unwrap();
+    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
     for poison in [
         &b"garbage"[..],
         b"{}",
@@ -681,10 +680,10 @@ async fn a_payment_whose_consumer_vanished_is_finalised_by_another() {
     let proxy = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
     let db_proxy = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
     let mut sa = s.clone();
-    sa.amqp.url = async_pay::config::Secret::new(format!(
+    sa.amqp.urls = vec![async_pay::config::Secret::new(format!(
         "amqp://guest:guest@127.0.0.1:{}/%2f",
         proxy.addr.port()
-    ));
+    ))];
     let mut db_url = url::Url::parse(&app.db.url).unwrap();
     db_url.set_port(Some(db_proxy.addr.port())).unwrap();
     sa.database.url = async_pay::config::Secret::new(db_url.as_str());

@@ -4,6 +4,8 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -77,6 +79,46 @@ impl Drop for Proc {
     }
 }
 
+/// POSTs payments (blocking) whose webhooks go to the stack's receiver.
+struct Poster {
+    agent: ureq::Agent,
+    url: String,
+    hook: String,
+}
+
+impl Poster {
+    /// (status, payment id if accepted); status 0 when no response came.
+    fn post(
+        &self,
+        idempotency_key: &str,
+        metadata: Option<serde_json::Value>,
+    ) -> (u16, Option<String>) {
+        let mut body = json!({"amount": "1.00", "currency": "USD", "webhook_url": self.hook});
+        if let Some(m) = metadata {
+            body["metadata"] = m;
+        }
+        let body = body.to_string();
+        match self
+            .agent
+            .post(&self.url)
+            .header("X-API-Key", KEY_A)
+            .header("Idempotency-Key", idempotency_key)
+            .header("Content-Type", "application/json")
+            .send(body.as_bytes())
+        {
+            Ok(mut r) => {
+                let status = r.status().as_u16();
+                let v: serde_json::Value =
+                    serde_json::from_str(&r.body_mut().read_to_string().unwrap_or_default())
+                        .unwrap_or_default();
+                let id = v["payment_id"].as_str().filter(|_| status == 202);
+                (status, id.map(str::to_string))
+            }
+            Err(_) => (0, None),
+        }
+    }
+}
+
 /// One test's services: database, queue names, proxies, webhook receiver, and its processes.
 pub struct Stack {
     pub db: TestDb,
@@ -105,8 +147,22 @@ impl Drop for Stack {
 impl Stack {
     /// `extra` env entries override the defaults below.
     pub async fn new(extra: &[(&str, &str)]) -> Stack {
+        Self::build(None, extra).await
+    }
+
+    /// A stack whose roles connect to these RabbitMQ nodes (a cluster of the test's own), not to
+    /// the shared broker through `mq`.
+    pub async fn on_brokers(urls: &[String], extra: &[(&str, &str)]) -> Stack {
+        Self::build(Some(urls), extra).await
+    }
+
+    async fn build(brokers: Option<&[String]>, extra: &[(&str, &str)]) -> Stack {
         let db = TestDb::new().await;
         let mut settings = settings(&db.url);
+        if let Some(urls) = brokers {
+            // The queue names are removed from these nodes at the end, too.
+            settings.amqp.urls = urls.iter().map(async_pay::config::Secret::new).collect();
+        }
         let broker = TestBroker::new(&mut settings);
         let pg = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
         let mq = Proxy::start("127.0.0.1:5672".parse().unwrap()).await;
@@ -126,7 +182,9 @@ impl Stack {
             ("DATABASE_URL", db_url.as_str()),
             (
                 "AMQP_URL",
-                &format!("amqp://guest:guest@127.0.0.1:{}/%2f", mq.addr.port()),
+                &brokers.map(|urls| urls.join(",")).unwrap_or_else(|| {
+                    format!("amqp://guest:guest@127.0.0.1:{}/%2f", mq.addr.port())
+                }),
             ),
             ("ASYNC_PAY__AMQP__EXCHANGE", &a.exchange),
             ("ASYNC_PAY__AMQP__QUEUE", &a.queue),
@@ -252,48 +310,17 @@ impl Stack {
         threads: usize,
         metadata: fn(usize) -> Option<serde_json::Value>,
     ) -> (Vec<String>, Vec<u16>) {
-        let url = self.url("/api/v1/payments");
-        let hook = self.receiver.url("/hook");
         let per = n.div_ceil(threads);
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let (url, hook, prefix) = (url.clone(), hook.clone(), prefix.to_string());
+                let (poster, prefix) = (self.poster(), prefix.to_string());
                 std::thread::spawn(move || {
-                    let agent: ureq::Agent = ureq::Agent::config_builder()
-                        .http_status_as_error(false)
-                        .timeout_global(Some(Duration::from_secs(30)))
-                        .build()
-                        .into();
                     let mut ids = Vec::new();
                     let mut statuses = Vec::new();
                     for i in (t * per)..((t + 1) * per).min(n) {
-                        let mut body =
-                            json!({"amount": "1.00", "currency": "USD", "webhook_url": hook});
-                        if let Some(m) = metadata(i) {
-                            body["metadata"] = m;
-                        }
-                        let body = body.to_string();
-                        match agent
-                            .post(&url)
-                            .header("X-API-Key", KEY_A)
-                            .header("Idempotency-Key", format!("{prefix}-{i}"))
-                            .header("Content-Type", "application/json")
-                            .send(body.as_bytes())
-                        {
-                            Ok(mut r) => {
-                                statuses.push(r.status().as_u16());
-                                let v: serde_json::Value = serde_json::from_str(
-                                    &r.body_mut().read_to_string().unwrap_or_default(),
-                                )
-                                .unwrap_or_default();
-                                if r.status().as_u16() == 202 {
-                                    ids.push(
-                                        v["payment_id"].as_str().unwrap_or_default().to_string(),
-                                    );
-                                }
-                            }
-                            Err(_) => statuses.push(0),
-                        }
+                        let (status, id) = poster.post(&format!("{prefix}-{i}"), metadata(i));
+                        statuses.push(status);
+                        ids.extend(id);
                     }
                     (ids, statuses)
                 })
@@ -317,6 +344,45 @@ impl Stack {
                 .then_some(())
         })
         .await;
+    }
+
+    /// POSTs a payment every `every` from a thread of its own until `stop` is set; the thread
+    /// returns the accepted ids and every status seen.
+    pub fn pay_steadily(
+        &self,
+        prefix: &str,
+        every: Duration,
+        stop: Arc<AtomicBool>,
+    ) -> std::thread::JoinHandle<(Vec<String>, Vec<u16>)> {
+        let (poster, prefix) = (self.poster(), prefix.to_string());
+        std::thread::spawn(move || {
+            let mut ids = Vec::new();
+            let mut statuses = Vec::new();
+            let mut next = Instant::now();
+            for i in 0.. {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let (status, id) = poster.post(&format!("{prefix}-{i}"), None);
+                statuses.push(status);
+                ids.extend(id);
+                next += every;
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            (ids, statuses)
+        })
+    }
+
+    fn poster(&self) -> Poster {
+        Poster {
+            agent: ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(30)))
+                .build()
+                .into(),
+            url: self.url("/api/v1/payments"),
+            hook: self.receiver.url("/hook"),
+        }
     }
 
     /// Every log line written so far by every process of this stack.

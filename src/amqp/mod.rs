@@ -1,8 +1,10 @@
 //! RabbitMQ: connecting (to one of several cluster nodes), logging what the broker says on
-//! callbacks, the one topology declarer, and the confirming publisher. amqprs connects to one
-//! address and does not reconnect by itself: each role's loop reopens the connection (through
-//! [`connect`], which moves on to the next address) and re-declares the topology after a failure.
+//! callbacks, the one topology declarer, the confirming publisher, and the consuming session.
+//! amqprs connects to one address and does not reconnect by itself: each role's loop reopens the
+//! connection (through [`connect`], which moves on to the next address) and re-declares the
+//! topology after a failure.
 
+pub mod consumer;
 pub mod publisher;
 pub mod topology;
 

@@ -25,16 +25,9 @@
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use amqprs::channel::{
-    BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicQosArguments,
-    BasicRejectArguments, Channel,
-};
-use anyhow::Context;
 use futures_util::FutureExt;
-use tokio::task::JoinSet;
-use uuid::Uuid;
 
-use crate::amqp::{self, topology};
+use crate::amqp::consumer::{Delivery, Session, Settle};
 use crate::config::Settings;
 use crate::db;
 use crate::domain::events::PaymentEvent;
@@ -174,98 +167,78 @@ async fn session(
     shutdown: &Shutdown,
     failures: &mut u32,
 ) -> anyhow::Result<()> {
-    let conn = amqp::connect(&settings.amqp, "consume").await?;
-    topology::declare(&conn, &settings.amqp).await?;
-    let ch = amqp::open_channel(&conn).await?;
-    ch.basic_qos(BasicQosArguments::new(0, settings.amqp.prefetch, false))
-        .await
-        .context("basic.qos failed")?;
-    let tag = format!("async-pay-consume-{}", Uuid::new_v4().simple());
-    let (tag, mut rx) = ch
-        .basic_consume_rx(
-            BasicConsumeArguments::new(&settings.amqp.queue, &tag)
-                .manual_ack(true)
-                .finish(),
-        )
-        .await
-        .context("basic.consume failed")?;
+    let a = &settings.amqp;
+    let mut session = Session::open(a, "consume", &a.queue, a.prefetch).await?;
     log::info!(
         "consuming {} with up to {} payments in flight",
-        settings.amqp.queue,
-        settings.amqp.prefetch
+        a.queue,
+        a.prefetch
     );
-    let mut tasks = JoinSet::new();
     let outcome = loop {
-        tokio::select! {
-            msg = rx.recv() => {
-                let Some(msg) = msg else { break Err(anyhow::anyhow!("the broker connection was lost")) };
-                *failures = 0;
-                let (Some(deliver), Some(body)) = (msg.deliver, msg.content) else { continue };
-                let previous = amqp::previous_deliveries(msg.basic_properties.as_ref());
-                let (p, ch2, limit) = (processor.clone(), ch.clone(), settings.amqp.delivery_limit);
-                tasks.spawn(async move {
-                    let _in_flight = crate::metrics::consumer_in_flight();
-                    let started = std::time::Instant::now();
-                    let disposition = AssertUnwindSafe(handle_one(&p, &body, previous, limit))
-                        .catch_unwind()
-                        .await
-                        .unwrap_or_else(|panic| {
-                            let why = panic_message(panic.as_ref());
-                            log::error!("a payment message task panicked ({why}); retrying the message");
-                            Disposition::Retry(format!("panicked: {why}"))
-                        });
-                    crate::metrics::message_handled(disposition.label(), previous, started.elapsed());
-                    settle(&ch2, deliver.delivery_tag(), previous, disposition).await;
-                });
-            }
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            _ = shutdown.wait() => break Ok(()),
-        }
+        let d = match session.next(shutdown).await {
+            Ok(Some(d)) => d,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        *failures = 0;
+        session.spawn(handle_delivery(processor.clone(), d, a.delivery_limit));
     };
     if outcome.is_ok() {
         // Stop taking messages, then let in-flight payments finish.
-        let _ = ch.basic_cancel(BasicCancelArguments::new(&tag)).await;
         let grace = settings.consume.shutdown_timeout;
         log::info!(
             "stopping: waiting up to {grace:?} for {} payments in flight",
-            tasks.len()
+            session.in_flight()
         );
-        let drained =
-            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
+        let left = session.drain(grace).await;
+        if left > 0 {
             log::warn!(
-                "{} payments did not finish in time; their messages are handed back (gateway \
-                 calls under way still finish and are recorded)",
-                tasks.len()
+                "{left} payments did not finish in time; their messages are handed back (gateway \
+                 calls under way still finish and are recorded)"
             );
         }
     }
     // A task stopped here drops only its wait: a gateway call it started runs on in its own task
-    // and records its outcome; the redelivered message then finds the payment final.
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
-    // Closing returns every unacked message to the queue.
-    let _ = ch.close().await;
-    let _ = conn.close().await;
+    // and records its outcome; the redelivered message then finds the payment final. Closing
+    // returns every unacked message to the queue.
+    session.close().await;
     outcome
+}
+
+/// One message's task: handles it (a panic becomes a retry), counts it, settles it.
+async fn handle_delivery(processor: Arc<Processor>, d: Delivery, limit: u32) {
+    let _in_flight = crate::metrics::consumer_in_flight();
+    let started = std::time::Instant::now();
+    let previous = d.previous_deliveries();
+    let disposition = AssertUnwindSafe(handle_one(&processor, &d.body, previous, limit))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let why = panic_message(panic.as_ref());
+            log::error!("a payment message task panicked ({why}); retrying the message");
+            Disposition::Retry(format!("panicked: {why}"))
+        });
+    crate::metrics::message_handled(disposition.label(), previous, started.elapsed());
+    settle(&d.settle, previous, disposition).await;
 }
 
 /// Tells the broker what became of a message. A failure here (channel gone) only means the
 /// broker redelivers the message, which the claim makes harmless.
-async fn settle(ch: &Channel, tag: u64, previous: u32, disposition: Disposition) {
+async fn settle(settle: &Settle, previous: u32, disposition: Disposition) {
     let result = match &disposition {
-        Disposition::Ack(_) => ch.basic_ack(BasicAckArguments::new(tag, false)).await,
+        Disposition::Ack(_) => settle.ack().await,
         Disposition::Retry(_) => {
             // Back off before handing it back, so a struggling dependency is not hammered.
             tokio::time::sleep(backoff(previous, MAX_BACKOFF)).await;
-            ch.basic_reject(BasicRejectArguments::new(tag, true)).await
+            settle.requeue().await
         }
-        Disposition::DeadLetter(_) => ch.basic_reject(BasicRejectArguments::new(tag, false)).await,
+        Disposition::DeadLetter(_) => settle.dead_letter().await,
         Disposition::Release => Ok(()),
     };
     if let Err(e) = result {
         log::warn!(
-            "could not settle delivery {tag} ({disposition:?}): {e}; the broker will redeliver it"
+            "could not settle delivery {} ({disposition:?}): {e}; the broker will redeliver it",
+            settle.tag()
         );
     }
 }

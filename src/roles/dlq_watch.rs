@@ -11,11 +11,9 @@
 //! it.
 
 use amqprs::BasicProperties;
-use amqprs::channel::{BasicAckArguments, BasicConsumeArguments, BasicQosArguments};
-use anyhow::Context;
 use sha2::{Digest, Sha256};
 
-use crate::amqp::{self, topology};
+use crate::amqp::{self, consumer::Session};
 use crate::config::Settings;
 use crate::db::dead_letters::{self, NewDeadLetter};
 use crate::db::{self, DbError, Pool};
@@ -225,43 +223,25 @@ async fn session(
     shutdown: &Shutdown,
     failures: &mut u32,
 ) -> anyhow::Result<()> {
-    let conn = amqp::connect(&settings.amqp, "dlq-watch").await?;
-    topology::declare(&conn, &settings.amqp).await?;
-    let ch = amqp::open_channel(&conn).await?;
-    ch.basic_qos(BasicQosArguments::new(0, PREFETCH, false))
-        .await
-        .context("basic.qos failed")?;
-    let (_, mut rx) = ch
-        .basic_consume_rx(
-            BasicConsumeArguments::new(&settings.amqp.dead_letter_queue, "")
-                .manual_ack(true)
-                .finish(),
-        )
-        .await
-        .context("basic.consume failed")?;
-    log::info!(
-        "watching dead-letter queue {}",
-        settings.amqp.dead_letter_queue
-    );
+    let a = &settings.amqp;
+    let mut session = Session::open(a, "dlq-watch", &a.dead_letter_queue, PREFETCH).await?;
+    log::info!("watching dead-letter queue {}", a.dead_letter_queue);
     let result = loop {
-        tokio::select! {
-            msg = rx.recv() => {
-                let Some(msg) = msg else { break Err(anyhow::anyhow!("the broker connection was lost")) };
-                *failures = 0;
-                let (Some(deliver), Some(body)) = (msg.deliver, msg.content) else { continue };
-                match record(pool, msg.basic_properties.as_ref(), &body, shutdown).await {
-                    Ok(_) => {
-                        ch.basic_ack(BasicAckArguments::new(deliver.delivery_tag(), false))
-                            .await
-                            .context("basic.ack failed")?;
-                    }
-                    // Not acked: the message stays in the queue and comes back after reconnecting.
-                    Err(e) => break Err(e),
-                }
-            }
-            _ = shutdown.wait() => break Ok(()),
+        let d = match session.next(shutdown).await {
+            Ok(Some(d)) => d,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        *failures = 0;
+        // Not recorded (shutting down): not acked, so the message stays in the queue and comes
+        // back after reconnecting.
+        if let Err(e) = record(pool, d.props.as_ref(), &d.body, shutdown).await {
+            break Err(e);
+        }
+        if let Err(e) = d.settle.ack().await {
+            break Err(anyhow::Error::new(e).context("basic.ack failed"));
         }
     };
-    amqp::close(conn).await;
+    session.close().await;
     result
 }

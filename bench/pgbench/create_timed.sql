@@ -7,17 +7,19 @@
 \set r random(1, 9223372036854775806)
 WITH p AS (
     INSERT INTO payments (id, merchant, amount, currency, description, metadata,
-                          idempotency_key, request_fingerprint, webhook_url)
+                          idempotency_key, request_fingerprint, webhook_url, request_id)
     VALUES ((lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000000)::bigint), 16, '0')
              || lpad(to_hex(:r::bigint), 16, '0'))::uuid,
             'demo', 100.50, 'RUB', 'Order #123', '{"order_id": "123"}'::jsonb,
             'lat-' || :rate || '-' || :client_id || '-' || :n,
-            sha256(('lat-' || :rate || '-' || :client_id || '-' || :n)::bytea), NULL)
+            sha256(('lat-' || :rate || '-' || :client_id || '-' || :n)::bytea), NULL,
+            md5('req-' || :rate || '-' || :client_id || '-' || :n))
     ON CONFLICT (merchant, idempotency_key) DO NOTHING
     RETURNING id, merchant, amount, currency, description, metadata, status, idempotency_key,
-              request_fingerprint, webhook_url, created_at, processed_at
+              request_fingerprint, webhook_url, created_at, processed_at, charge_id, failure_code,
+              failure_message, request_id
 ), o AS (
-    INSERT INTO outbox (event_type, payload)
-    SELECT 'payment.created', jsonb_build_object('payment_id', p.id) FROM p
+    INSERT INTO outbox (event_type, payload, request_id, traceparent)
+    SELECT 'payment.created', jsonb_build_object('payment_id', p.id), p.request_id, NULL FROM p
 )
 SELECT * FROM p;

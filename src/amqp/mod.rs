@@ -5,6 +5,7 @@
 //! topology after a failure.
 
 pub mod consumer;
+pub mod correlation;
 pub mod publisher;
 pub mod topology;
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use amqprs::callbacks::ChannelCallback;
 use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments};
 use amqprs::connection::Connection;
-use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, FieldTable, Nack, Return};
 use anyhow::Context;
 use async_trait::async_trait;
 use tokio::sync::oneshot;
@@ -30,6 +30,8 @@ pub struct Outgoing {
     pub message_id: String,
     pub message_type: String,
     pub body: Vec<u8>,
+    /// Application headers ([`super::correlation::headers`]).
+    pub headers: Option<FieldTable>,
 }
 
 #[derive(Default)]
@@ -108,11 +110,14 @@ impl ChannelCallback for ConfirmCallback {
         _c: Vec<u8>,
     ) {
         let id = props.message_id().cloned().unwrap_or_default();
-        log::warn!(
-            "RabbitMQ could not route message {id}: {} {}",
-            ret.reply_code(),
-            ret.reply_text()
-        );
+        let request_id = super::consumer::header(Some(&props), super::correlation::REQUEST_ID);
+        crate::logging::with_id(request_id, || {
+            log::warn!(
+                "RabbitMQ could not route message {id}: {} {}",
+                ret.reply_code(),
+                ret.reply_text()
+            )
+        });
         lock(&self.state).returned.insert(id);
     }
 }
@@ -186,13 +191,16 @@ impl Publisher {
                     st.next_tag += 1;
                     st.waiters.insert(tag, (m.message_id.clone(), tx));
                 }
-                let props = BasicProperties::default()
+                let mut props = BasicProperties::default();
+                props
                     .with_message_id(&m.message_id)
                     .with_message_type(&m.message_type)
                     .with_content_type("application/json")
                     .with_persistence(true)
-                    .with_timestamp(time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64)
-                    .finish();
+                    .with_timestamp(time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64);
+                if let Some(headers) = &m.headers {
+                    props.with_headers(headers.clone());
+                }
                 let args = BasicPublishArguments::new(&self.exchange, &self.routing_key)
                     .mandatory(true)
                     .finish();

@@ -7,6 +7,7 @@ use time::OffsetDateTime;
 
 use super::prepared;
 use super::schema::outbox;
+use crate::domain::correlation::Correlation;
 
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = outbox, check_for_backend(diesel::pg::Pg))]
@@ -16,6 +17,9 @@ pub struct OutboxEvent {
     pub payload: serde_json::Value,
     pub created_at: OffsetDateTime,
     pub published_at: Option<OffsetDateTime>,
+    /// What ties the event to the request that caused it: published as message headers.
+    pub request_id: Option<String>,
+    pub traceparent: Option<String>,
 }
 
 /// Number of events not yet published.
@@ -86,11 +90,14 @@ pub async fn insert(
     conn: &mut AsyncPgConnection,
     event_type: &str,
     payload: &serde_json::Value,
+    correlation: &Correlation,
 ) -> QueryResult<i64> {
     diesel::insert_into(outbox::table)
         .values((
             outbox::event_type.eq(event_type),
             outbox::payload.eq(payload),
+            outbox::request_id.eq(correlation.request_id.as_deref()),
+            outbox::traceparent.eq(correlation.traceparent.as_deref()),
         ))
         .returning(outbox::id)
         .get_result(conn)

@@ -31,6 +31,9 @@ pub struct Payment {
     /// Why a failed payment failed: the provider's decline code and message.
     pub failure_code: Option<String>,
     pub failure_message: Option<String>,
+    /// The request id of the POST that created it (`domain::correlation`): on every log line
+    /// about the payment. Never shown by the API.
+    pub request_id: Option<String>,
 }
 
 /// The columns of [`Payment`], for hand-written statements. Named, never `*`: a statement is
@@ -41,7 +44,7 @@ macro_rules! payment_columns {
     () => {
         "id, merchant, amount, currency, description, metadata, status, idempotency_key, \
          request_fingerprint, webhook_url, created_at, processed_at, charge_id, failure_code, \
-         failure_message"
+         failure_message, request_id"
     };
 }
 
@@ -56,12 +59,17 @@ pub struct NewPayment<'a> {
     pub idempotency_key: &'a str,
     pub request_fingerprint: &'a [u8],
     pub webhook_url: Option<&'a str>,
+    /// Checked by `domain::correlation`: kept on the payment and its outbox event.
+    pub request_id: Option<&'a str>,
+    /// Checked by `domain::correlation`: kept on the outbox event only.
+    pub traceparent: Option<&'a str>,
 }
 
 /// Inserts the payment and its `payment.created` outbox row in ONE statement (so one round trip
 /// and one implicit transaction: both rows or neither). Returns `None` when the merchant already
 /// has a payment with this idempotency key; no outbox row is written then. Concurrent requests
-/// with the same key wait on the unique index and get `None`, never an error.
+/// with the same key wait on the unique index and get `None`, never an error. The event carries
+/// the request id and traceparent to the relay, which puts them in the message's headers.
 pub async fn insert_with_event(
     conn: &mut AsyncPgConnection,
     new: &NewPayment<'_>,
@@ -69,14 +77,14 @@ pub async fn insert_with_event(
     prepared::sql_query(concat!(
         "WITH p AS ( \
              INSERT INTO payments (id, merchant, amount, currency, description, metadata, \
-                                   idempotency_key, request_fingerprint, webhook_url) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                                   idempotency_key, request_fingerprint, webhook_url, request_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $11) \
              ON CONFLICT (merchant, idempotency_key) DO NOTHING \
              RETURNING ",
         payment_columns!(),
         " ), o AS ( \
-             INSERT INTO outbox (event_type, payload) \
-             SELECT $10, jsonb_build_object('payment_id', p.id) FROM p \
+             INSERT INTO outbox (event_type, payload, request_id, traceparent) \
+             SELECT $10, jsonb_build_object('payment_id', p.id), p.request_id, $12 FROM p \
          ) \
          SELECT * FROM p",
     ))
@@ -90,6 +98,8 @@ pub async fn insert_with_event(
     .bind::<sql_types::Bytea, _>(new.request_fingerprint)
     .bind::<sql_types::Nullable<sql_types::Text>, _>(new.webhook_url)
     .bind::<sql_types::Text, _>(PAYMENT_CREATED)
+    .bind::<sql_types::Nullable<sql_types::Text>, _>(new.request_id)
+    .bind::<sql_types::Nullable<sql_types::Text>, _>(new.traceparent)
     .get_result(conn)
     .await
     .optional()

@@ -22,6 +22,8 @@ diesel::table! {
         payload -> Jsonb,
         created_at -> Timestamptz,
         published_at -> Nullable<Timestamptz>,
+        request_id -> Nullable<Text>,
+        traceparent -> Nullable<Text>,
     }
 }
 
@@ -49,6 +51,7 @@ diesel::table! {
         charge_id -> Nullable<Text>,
         failure_code -> Nullable<Text>,
         failure_message -> Nullable<Text>,
+        request_id -> Nullable<Text>,
     }
 }
 
@@ -82,6 +85,7 @@ diesel::table! {
         last_status_code -> Nullable<Int4>,
         created_at -> Timestamptz,
         finished_at -> Nullable<Timestamptz>,
+        request_id -> Nullable<Text>,
     }
 }
 

@@ -27,6 +27,8 @@ pub struct Delivery {
     pub last_status_code: Option<i32>,
     pub created_at: OffsetDateTime,
     pub finished_at: Option<OffsetDateTime>,
+    /// The request id of the POST that created the payment: on the sender's log lines.
+    pub request_id: Option<String>,
 }
 
 /// The columns of [`Delivery`], for hand-written statements: named, never `*`, for the reason
@@ -34,7 +36,7 @@ pub struct Delivery {
 macro_rules! delivery_columns {
     () => {
         "id, message_id, payment_id, merchant, event_type, url, host, payload, status, attempts, \
-         next_attempt_at, last_attempt_at, last_status_code, created_at, finished_at"
+         next_attempt_at, last_attempt_at, last_status_code, created_at, finished_at, request_id"
     };
 }
 
@@ -49,6 +51,7 @@ pub struct NewDelivery<'a> {
     pub url: &'a str,
     pub host: &'a str,
     pub payload: &'a serde_json::Value,
+    pub request_id: Option<&'a str>,
 }
 
 pub async fn insert(conn: &mut AsyncPgConnection, d: &NewDelivery<'_>) -> QueryResult<usize> {

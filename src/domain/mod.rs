@@ -1,6 +1,7 @@
 //! Pure domain types: money, currencies, payment statuses and their allowed transitions.
 //! Nothing here touches the database or the network.
 
+pub mod correlation;
 pub mod events;
 
 use std::fmt;

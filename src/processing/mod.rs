@@ -12,6 +12,8 @@
 //! - The claim marks the payment `charging`: whoever takes it over later (a redelivered message,
 //!   the sweep) asks the provider's status before charging, and charges (same key) only on "not
 //!   found".
+//! - Log lines name the request id of the task that drives the payment (`crate::logging`): the
+//!   message's, or the payment's own for the sweep; the tasks below inherit it.
 //! - The claim, the call and its recording run in a task of their own
 //!   ([`Processor::wait_for_calls`]): a lost broker connection or the shutdown deadline never
 //!   throws a claim or an awaited answer away; the outcome is committed.
@@ -187,7 +189,7 @@ impl Processor {
         permit: Permit,
     ) -> Result<Option<Step>, Failure> {
         let me = self.clone();
-        let task = self.calls.spawn(async move {
+        let task = self.calls.spawn(crate::logging::inherit(async move {
             let token = Uuid::new_v4();
             let claimed = me
                 .db("claim the payment", id, None, || async {
@@ -199,7 +201,7 @@ impl Processor {
                 Some(claimed) => me.call_guarded(claimed, token, permit).await.map(Some),
                 None => Ok(None),
             }
-        });
+        }));
         task.await
             .unwrap_or_else(|e| Err(Failure::Crashed(e.to_string())))
     }
@@ -244,9 +246,9 @@ impl Processor {
         permit: Permit,
     ) -> Result<Step, Failure> {
         let me = self.clone();
-        let task = self
-            .calls
-            .spawn(async move { me.call_guarded(claimed, token, permit).await });
+        let task = self.calls.spawn(crate::logging::inherit(async move {
+            me.call_guarded(claimed, token, permit).await
+        }));
         task.await
             .unwrap_or_else(|e| Err(Failure::Crashed(e.to_string())))
     }

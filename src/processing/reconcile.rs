@@ -5,6 +5,9 @@
 //! database, so it survives every crash and needs no message: a payment whose message was
 //! dead-lettered or lost is still reconciled.
 //!
+//! Each check is logged under the request id of the POST that created the payment (kept on the
+//! payment row), as the consumer logs its message.
+//!
 //! `consume` runs [`Processor::sweep`] beside its message loop (several consumers share the
 //! work: claims skip rows another one holds); `async-pay reconcile` runs one
 //! [`Processor::reconcile_due`] pass.
@@ -17,7 +20,7 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use super::{Failure, Outcome, Processor, Step};
-use crate::db::payments::{self as payments_db, PendingHealth};
+use crate::db::payments::{self as payments_db, Claimed, PendingHealth};
 use crate::db::{self, DbError};
 use crate::domain::PaymentStatus;
 use crate::shutdown::{MAX_BACKOFF, backoff};
@@ -92,19 +95,18 @@ impl Processor {
             let mut calls = JoinSet::new();
             for c in claimed {
                 let me = self.clone();
-                calls.spawn(async move {
+                // Under the request id of the POST that created the payment.
+                let request_id = c.payment.request_id.clone();
+                calls.spawn(crate::logging::scope(request_id, async move {
                     let id = c.payment.id;
-                    let Some(permit) = me.pause.clone().enter(&me.shutdown).await else {
-                        // Stopping: give the claim back instead of leaving it for a lease.
-                        let _ = me.release_claim(id, token).await;
-                        return Err(Failure::ShuttingDown);
-                    };
-                    // The wait at a pause may have been long: the claim must cover the call.
-                    if !me.renew_claim(id, token).await? {
-                        return Err(Failure::LostClaim);
+                    let result = me.check(c, token).await;
+                    if let Err(e) = &result
+                        && !matches!(e, Failure::ShuttingDown)
+                    {
+                        log::warn!("reconciliation of payment {id}: {e}; it stays due");
                     }
-                    me.call_detached(c, token, permit).await
-                });
+                    result
+                }));
             }
             while let Some(done) = calls.join_next().await {
                 match done {
@@ -116,10 +118,7 @@ impl Processor {
                     Ok(Ok(Step::Done(_))) => summary.already_final += 1,
                     Ok(Ok(Step::Refused)) => summary.refused = true,
                     Ok(Err(Failure::ShuttingDown)) => {}
-                    Ok(Err(e)) => {
-                        log::warn!("reconciliation: {e}; the payment stays due");
-                        summary.errors += 1;
-                    }
+                    Ok(Err(_)) => summary.errors += 1,
                     Err(e) => {
                         log::error!("reconciliation: a check failed: {e}");
                         summary.errors += 1;
@@ -131,6 +130,22 @@ impl Processor {
             }
         }
         Ok(())
+    }
+
+    /// Checks one payment claimed for the pass (under `token`): waits at a pause, renews the
+    /// claim, asks the provider and settles the payment.
+    async fn check(self: Arc<Self>, c: Claimed, token: Uuid) -> Result<Step, Failure> {
+        let id = c.payment.id;
+        let Some(permit) = self.pause.clone().enter(&self.shutdown).await else {
+            // Stopping: give the claim back instead of leaving it for a lease.
+            let _ = self.release_claim(id, token).await;
+            return Err(Failure::ShuttingDown);
+        };
+        // The wait at a pause may have been long: the claim must cover the call.
+        if !self.renew_claim(id, token).await? {
+            return Err(Failure::LostClaim);
+        }
+        self.call_detached(c, token, permit).await
     }
 
     /// The gauges of payments awaiting the provider and of payments stuck pending.

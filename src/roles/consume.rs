@@ -8,6 +8,10 @@
 //! payments whose outcome is unknown) and the webhook sender ([`crate::webhook::Sender`]); neither
 //! holds up payment processing.
 //!
+//! Each message is handled under the request id it carries (`amqp::correlation`): the POST's,
+//! named on every log line about it (`[req …]`); the sweep and the webhook sender take it from
+//! the payment and the delivery row.
+//!
 //! Failures: a database outage is waited out inside the task (the message stays unacked and its
 //! delivery count does not grow); an unknown gateway outcome is recorded in the payment and the
 //! message acked (the sweep owns it from then on; it never counts toward `delivery_limit`); a
@@ -28,10 +32,12 @@ use std::sync::Arc;
 use futures_util::FutureExt;
 
 use crate::amqp::consumer::{Delivery, Session, Settle};
+use crate::amqp::correlation;
 use crate::config::Settings;
 use crate::db;
 use crate::domain::events::PaymentEvent;
 use crate::gateway::{self, Gateway};
+use crate::logging;
 use crate::processing::{Failure, Outcome, Processor, panic_message};
 use crate::shutdown::{MAX_BACKOFF, Reconnect, Shutdown, backoff};
 use crate::webhook;
@@ -181,7 +187,10 @@ async fn session(
             Err(e) => break Err(e),
         };
         *failures = 0;
-        session.spawn(handle_delivery(processor.clone(), d, a.delivery_limit));
+        // Every line about this message names the request id of the POST that made it.
+        let request_id = correlation::of_message(d.props.as_ref()).request_id;
+        let handler = handle_delivery(processor.clone(), d, a.delivery_limit);
+        session.spawn(logging::scope(request_id, handler));
     };
     if outcome.is_ok() {
         // Stop taking messages, then let in-flight payments finish.

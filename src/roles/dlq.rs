@@ -2,8 +2,9 @@
 //!
 //! `list [--limit N]` prints the newest rows of `dead_letters` as a table. `replay <ID>...` or
 //! `replay --all` republishes dead letters *through the outbox*: in one transaction it locks the
-//! dead letter, inserts a `payment.created` outbox event carrying the original message body and
-//! sets `replayed_at`. So a replay is as durable as a new payment: once the command said
+//! dead letter, inserts a `payment.created` outbox event carrying the original message body (and
+//! its request id and traceparent headers, so the replay is logged under the POST's request id)
+//! and sets `replayed_at`. So a replay is as durable as a new payment: once the command said
 //! "replayed", the running relay (which polls the outbox every few milliseconds) or the next
 //! `relay --once` publishes it, whatever crashes in between; and a dead letter is replayed at
 //! most once (a replay that dies again becomes a new dead letter, with a new id, that can be
@@ -20,6 +21,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::amqp::correlation;
 use crate::config::Settings;
 use crate::db::dead_letters::{self, DeadLetter, Summary};
 use crate::db::{self, outbox};
@@ -87,7 +89,9 @@ async fn replay_locked(
     let Ok(payload) = serde_json::from_slice::<serde_json::Value>(&d.body) else {
         return Ok(Replay::NotJson);
     };
-    let outbox_id = outbox::insert(conn, PAYMENT_CREATED, &payload).await?;
+    // The original message's request id and traceparent go on with the replay.
+    let correlation = correlation::of_json(&d.headers);
+    let outbox_id = outbox::insert(conn, PAYMENT_CREATED, &payload, &correlation).await?;
     dead_letters::mark_replayed(conn, d.id).await?;
     Ok(Replay::Replayed {
         outbox_id,

@@ -2,7 +2,7 @@
 //!
 //! Loop: consume `amqp.dead_letter_queue`; for each message write a `dead_letters` row (message
 //! id, payment id, `x-death` reason and count, original queue, body, headers) and only then ack
-//! it; log it at WARN. Recording is idempotent on the message id, so a redelivery after a crash
+//! it; log it at WARN, under the request id the message carries (`[req …]`, the POST's). Recording is idempotent on the message id, so a redelivery after a crash
 //! between insert and ack changes nothing. While the database is down the message stays unacked
 //! (and in the queue) and the insert is retried with backoff; a lost broker connection is
 //! reopened with backoff. Text the database cannot hold (a NUL byte in the message id or a
@@ -13,11 +13,12 @@
 use amqprs::BasicProperties;
 use sha2::{Digest, Sha256};
 
-use crate::amqp::{self, consumer::Session};
+use crate::amqp::{self, consumer::Session, correlation};
 use crate::config::Settings;
 use crate::db::dead_letters::{self, NewDeadLetter};
 use crate::db::{self, DbError, Pool};
 use crate::domain::events::PaymentEvent;
+use crate::logging;
 use crate::shutdown::{MAX_BACKOFF, Reconnect, Shutdown, backoff};
 
 /// Dead letters recorded concurrently; they are rare, this only bounds a burst.
@@ -235,7 +236,13 @@ async fn session(
         *failures = 0;
         // Not recorded (shutting down): not acked, so the message stays in the queue and comes
         // back after reconnecting.
-        if let Err(e) = record(pool, d.props.as_ref(), &d.body, shutdown).await {
+        // Logged under the request id of the POST that made the payment.
+        let request_id = correlation::of_message(d.props.as_ref()).request_id;
+        let recorded = logging::scope(
+            request_id,
+            record(pool, d.props.as_ref(), &d.body, shutdown),
+        );
+        if let Err(e) = recorded.await {
             break Err(e);
         }
         if let Err(e) = d.settle.ack().await {

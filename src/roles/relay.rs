@@ -10,6 +10,10 @@
 //! an instance-wide lock at commit, which held POSTs at 40 % of what PostgreSQL commits without
 //! it; bench/README.md). Several relays can run at once; each row goes to one of them.
 //!
+//! Each event is logged once the broker has answered for it, on a line that names its payment and
+//! the request id of the POST that wrote it (`[req …]`); the message carries that request id and
+//! the client's `traceparent` as headers (`amqp::correlation`).
+//!
 //! On failure (database or broker down, channel closed, confirms missing) it logs, backs off
 //! (1 s, 2 s, 4 s … 30 s), reconnects both sides and carries on; unconfirmed rows stay unpublished
 //! and are sent again (a duplicate is possible, a loss is not).
@@ -28,9 +32,12 @@ use diesel_async::{AsyncConnection, AsyncPgConnection};
 use futures_util::StreamExt;
 
 use crate::amqp::publisher::{Confirm, Outgoing, Publisher};
-use crate::amqp::{self, topology};
+use crate::amqp::{self, correlation, topology};
 use crate::config::Settings;
-use crate::db::{self, outbox};
+use crate::db;
+use crate::db::outbox::{self, OutboxEvent};
+use crate::domain::correlation::Correlation;
+use crate::logging;
 use crate::shutdown::{Reconnect, Shutdown};
 
 /// Rows deleted per retention statement: small enough to never hold locks for long.
@@ -70,6 +77,10 @@ pub async fn drain_once(
                 message_id: r.id.to_string(),
                 message_type: r.event_type.clone(),
                 body: serde_json::to_vec(&r.payload).unwrap_or_default(),
+                headers: correlation::headers(&Correlation {
+                    request_id: r.request_id.clone(),
+                    traceparent: r.traceparent.clone(),
+                }),
             })
             .collect();
         let sent_at = std::time::Instant::now();
@@ -91,10 +102,30 @@ pub async fn drain_once(
         if missing > 0 {
             log::warn!("{missing} of {} outbox events were not confirmed by RabbitMQ; they stay unpublished", rows.len());
         }
-        log::debug!("published outbox events {}..={}", rows[0].id, rows[rows.len() - 1].id);
+        for (r, v) in rows.iter().zip(&verdicts) {
+            log_event(r, *v);
+        }
         Ok(Drained { claimed: rows.len(), published: confirmed.len() })
     })
     .await
+}
+
+/// One line per event, under the request id of the POST that wrote it: what the broker said.
+fn log_event(r: &OutboxEvent, verdict: Confirm) {
+    let payment = r.payload["payment_id"].as_str().unwrap_or("-");
+    logging::with_id(r.request_id.as_deref(), || match verdict {
+        Confirm::Acked => log::info!(
+            "outbox event {} ({} of payment {payment}) confirmed by RabbitMQ",
+            r.id,
+            r.event_type
+        ),
+        Confirm::NotSent => log::warn!(
+            "outbox event {} ({} of payment {payment}) not confirmed by RabbitMQ; it stays \
+             unpublished and is sent again",
+            r.id,
+            r.event_type
+        ),
+    });
 }
 
 /// Connects to the broker, declares the topology and opens a confirming publisher.

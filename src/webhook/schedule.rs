@@ -69,6 +69,9 @@ pub async fn schedule(
             url,
             host: &host_of(url),
             payload: &payload,
+            // The payment's, so the sender's lines about this delivery name the POST's id (a
+            // resend too: it is about the same payment).
+            request_id: p.request_id.as_deref(),
         },
     )
     .await?;

@@ -1,6 +1,7 @@
 //! The webhook sender: claims due deliveries (at most `webhook.concurrency` in flight, at most
 //! `per_host_concurrency` per host), POSTs each signed, records every attempt, and keeps its
-//! claims alive while attempts run.
+//! claims alive while attempts run. Each attempt logs under the request id of the POST that
+//! created its payment (kept on the delivery row).
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -288,7 +289,14 @@ impl Sender {
                         for d in ds {
                             let slot = Slot::take(&state, &d);
                             let me = self.clone();
-                            spawn_holding(&mut in_flight, slot, async move { me.attempt(d).await });
+                            // Under the request id of the POST that created the payment.
+                            let request_id = d.request_id.clone();
+                            let attempt = async move { me.attempt(d).await };
+                            spawn_holding(
+                                &mut in_flight,
+                                slot,
+                                crate::logging::scope(request_id, attempt),
+                            );
                         }
                     }
                     Err(e) => {

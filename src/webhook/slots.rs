@@ -103,6 +103,7 @@ mod tests {
             last_status_code: None,
             created_at: now,
             finished_at: None,
+            request_id: None,
         }
     }
 

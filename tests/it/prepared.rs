@@ -34,6 +34,8 @@ async fn run_hot_statements(c: &mut AsyncPgConnection, round: u32) {
         idempotency_key: &key,
         request_fingerprint: &[0; 32],
         webhook_url: None,
+        request_id: Some("prep-request"),
+        traceparent: None,
     };
     assert!(
         payments::insert_with_event(c, &new)

@@ -59,6 +59,10 @@ fn constraint_error(e: &DieselError) -> Option<ApiError> {
     params(
         ("Idempotency-Key" = String, Header, pattern = "^[!-~]{1,255}$",
             description = "Unique per payment (1 to 255 characters; visible ASCII is always safe); a retry with the same key and body returns the same payment"),
+        ("X-Request-Id" = Option<String>, Header,
+            description = "Your id of this request (1 to 128 visible ASCII characters; otherwise one is made up), echoed in the response; every log line about the payment, in every process, names it"),
+        ("traceparent" = Option<String>, Header,
+            description = "W3C Trace Context of the caller; kept with the payment's event (and passed to the consumer) only if valid"),
     ),
     responses(
         (status = 202, description = "Accepted (or replayed: header Idempotent-Replayed: true)", body = CreatedOut,
@@ -93,6 +97,7 @@ pub async fn create(
             .map_err(|e| ApiError::validation("webhook_url", e.to_string()))?;
     }
     let fingerprint = input.fingerprint();
+    let correlation = super::request_id::correlation(&req);
     let new = NewPayment {
         id: Uuid::now_v7(),
         merchant: &merchant,
@@ -103,6 +108,8 @@ pub async fn create(
         idempotency_key: &key,
         request_fingerprint: &fingerprint,
         webhook_url: input.webhook_url.as_deref(),
+        request_id: correlation.request_id.as_deref(),
+        traceparent: correlation.traceparent.as_deref(),
     };
     let outcome = db::with_timeout(state.db_deadline, async {
         let mut conn = db::conn(&state.pool).await?;

@@ -12,6 +12,7 @@ mod api;
 mod backstop;
 mod broker;
 mod cluster;
+mod correlation;
 mod db_errors;
 mod dev;
 mod dlq;

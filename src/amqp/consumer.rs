@@ -11,18 +11,18 @@
 
 use std::time::Duration;
 
+use amqprs::BasicProperties;
 use amqprs::channel::{
     BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicQosArguments,
     BasicRejectArguments, Channel, ConsumerMessage,
 };
 use amqprs::connection::Connection;
 use amqprs::error::Error as AmqpError;
-use amqprs::{BasicProperties, FieldValue};
 use anyhow::Context;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinSet;
 
-use super::{CLOSE_TIMEOUT, field_name, previous_deliveries, topology};
+use super::{CLOSE_TIMEOUT, previous_deliveries, topology};
 use crate::config::AmqpSettings;
 use crate::shutdown::Shutdown;
 
@@ -37,19 +37,6 @@ impl Delivery {
     /// How many times this message was delivered before (0 the first time).
     pub fn previous_deliveries(&self) -> u32 {
         previous_deliveries(self.props.as_ref())
-    }
-
-    /// A string header of the message, if it has one by that name.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        header(self.props.as_ref(), name)
-    }
-}
-
-/// A string header of a message, if it has one by that name.
-pub fn header<'a>(props: Option<&'a BasicProperties>, name: &str) -> Option<&'a str> {
-    match props?.headers()?.get(&field_name(name))? {
-        FieldValue::S(s) => Some(s.as_ref().as_str()),
-        _ => None,
     }
 }
 

@@ -5,8 +5,7 @@
 
 use amqprs::{BasicProperties, FieldTable, FieldValue};
 
-use super::consumer::header;
-use super::field_name;
+use super::{field_name, header};
 use crate::domain::correlation::Correlation;
 
 /// The header with the request id. Not an `x-` name: those are the broker's own (`x-death`,

@@ -198,6 +198,14 @@ pub fn previous_deliveries(props: Option<&BasicProperties>) -> u32 {
         .unwrap_or(0)
 }
 
+/// A string header of a message, if it has one by that name.
+pub fn header<'a>(props: Option<&'a BasicProperties>, name: &str) -> Option<&'a str> {
+    match props?.headers()?.get(&field_name(name))? {
+        FieldValue::S(s) => Some(s.as_ref().as_str()),
+        _ => None,
+    }
+}
+
 pub fn field_name(name: &str) -> amqprs::FieldName {
     // Names here are literals well under 256 bytes, which is all ShortStr requires.
     name.try_into().unwrap_or_default()

@@ -110,7 +110,7 @@ impl ChannelCallback for ConfirmCallback {
         _c: Vec<u8>,
     ) {
         let id = props.message_id().cloned().unwrap_or_default();
-        let request_id = super::consumer::header(Some(&props), super::correlation::REQUEST_ID);
+        let request_id = super::header(Some(&props), super::correlation::REQUEST_ID);
         crate::logging::with_id(request_id, || {
             log::warn!(
                 "RabbitMQ could not route message {id}: {} {}",

@@ -8,10 +8,10 @@ use uuid::Uuid;
 
 use super::payments::payment_id;
 use super::{AppState, authenticate};
+use crate::api::error::{ApiError, ErrorBody};
 use crate::db::payments as payments_db;
 use crate::db::webhooks as webhooks_db;
 use crate::db::{self, DbError};
-use crate::error::{ApiError, ErrorBody};
 use crate::webhook;
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]

@@ -6,6 +6,7 @@ pub mod consume;
 pub mod dev;
 pub mod dlq;
 pub mod dlq_watch;
+pub mod exporter;
 pub mod healthcheck;
 pub mod reconcile;
 pub mod relay;
@@ -17,8 +18,8 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::{Settings, redact_url};
+use crate::db;
 use crate::shutdown::Shutdown;
-use crate::{db, metrics};
 
 /// The runtime every role runs on.
 pub fn runtime(settings: &Settings) -> anyhow::Result<tokio::runtime::Runtime> {
@@ -38,7 +39,7 @@ async fn with_exporter(
     outbox: Option<db::Pool>,
     role: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    let exporter = metrics::serve(&settings.metrics.bind, outbox)?;
+    let exporter = exporter::serve(&settings.metrics.bind, outbox)?;
     let result = role.await;
     if let Some(e) = exporter {
         e.stop().await;

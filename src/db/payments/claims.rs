@@ -176,7 +176,7 @@ pub async fn pending_health(
 #[derive(Debug, Clone, QueryableByName)]
 pub struct ClaimState {
     #[diesel(sql_type = sql_types::Text)]
-    pub status: String,
+    pub status: crate::domain::PaymentStatus,
     /// How long the current claim still runs (zero or negative when it has lapsed).
     #[diesel(sql_type = sql_types::Nullable<sql_types::BigInt>)]
     pub claim_left_ms: Option<i64>,

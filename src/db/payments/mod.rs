@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::prepared;
 use super::schema::payments;
 use crate::domain::events::PAYMENT_CREATED;
+use crate::domain::{Currency, PaymentStatus};
 
 #[derive(Debug, Clone, Queryable, QueryableByName, Selectable)]
 #[diesel(table_name = payments, check_for_backend(diesel::pg::Pg))]
@@ -17,10 +18,10 @@ pub struct Payment {
     pub id: Uuid,
     pub merchant: String,
     pub amount: Decimal,
-    pub currency: String,
+    pub currency: Currency,
     pub description: Option<String>,
     pub metadata: serde_json::Value,
-    pub status: String,
+    pub status: PaymentStatus,
     pub idempotency_key: String,
     pub request_fingerprint: Vec<u8>,
     pub webhook_url: Option<String>,

@@ -13,7 +13,6 @@ pub mod relay;
 pub mod serve;
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::Context;
 
@@ -93,16 +92,12 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 }
 
 /// `async-pay healthcheck`: needs no runtime, and no valid configuration when given `--url`.
-pub fn healthcheck(
-    config: Option<&Path>,
-    url: Option<String>,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let url = match url {
+pub fn healthcheck(config: Option<&Path>, args: healthcheck::Args) -> anyhow::Result<()> {
+    let url = match args.url {
         Some(u) => u,
         None => healthcheck::default_url(&Settings::load(config)?.server.bind),
     };
-    healthcheck::check(&url, timeout).map_err(|e| anyhow::anyhow!("unhealthy: {e}"))?;
+    healthcheck::check(&url, args.timeout).map_err(|e| anyhow::anyhow!("unhealthy: {e}"))?;
     println!("healthy: {url}");
     Ok(())
 }

@@ -23,6 +23,28 @@ pub struct Claimed {
     pub gateway_checks: i32,
 }
 
+/// The claim statement for the payments `prior` selects (and locks): claimed under `$2` for `$3`
+/// milliseconds, marked `charging`, due for a status check when the claim ends; returns each
+/// with its gateway state before the claim.
+macro_rules! claim_statement {
+    ($prior:literal) => {
+        concat!(
+            "WITH prior AS ( \
+                 SELECT id AS prior_id, gateway_state AS prior_gateway_state FROM payments \
+                 WHERE ",
+            $prior,
+            ") \
+             UPDATE payments p SET claim_token = $2, \
+                    claimed_until = now() + $3 * interval '1 millisecond', \
+                    next_check_at = now() + $3 * interval '1 millisecond', \
+                    gateway_state = coalesce(p.gateway_state, 'charging') \
+             FROM prior WHERE p.id = prior.prior_id \
+             RETURNING prior_gateway_state, gateway_checks, ",
+            payment_columns!()
+        )
+    };
+}
+
 /// Claims a pending payment for `lease` under `token`, unless another live claim holds it, to
 /// call the gateway: marks it `charging` (a request may leave from now on) and due for a status
 /// check when the claim ends, so a claim abandoned mid-call is reconciled even if its message is
@@ -33,19 +55,9 @@ pub async fn claim(
     token: Uuid,
     lease: std::time::Duration,
 ) -> QueryResult<Option<Claimed>> {
-    prepared::sql_query(concat!(
-        "WITH prior AS ( \
-             SELECT id AS prior_id, gateway_state AS prior_gateway_state FROM payments \
-             WHERE id = $1 AND status = 'pending' \
-               AND (claimed_until IS NULL OR claimed_until < now()) \
-             FOR UPDATE) \
-         UPDATE payments p SET claim_token = $2, \
-                claimed_until = now() + $3 * interval '1 millisecond', \
-                next_check_at = now() + $3 * interval '1 millisecond', \
-                gateway_state = coalesce(p.gateway_state, 'charging') \
-         FROM prior WHERE p.id = prior.prior_id \
-         RETURNING prior_gateway_state, gateway_checks, ",
-        payment_columns!()
+    prepared::sql_query(claim_statement!(
+        "id = $1 AND status = 'pending' AND (claimed_until IS NULL OR claimed_until < now()) \
+         FOR UPDATE"
     ))
     .bind::<sql_types::Uuid, _>(id)
     .bind::<sql_types::Uuid, _>(token)
@@ -64,24 +76,14 @@ pub async fn claim_due_checks(
     lease: std::time::Duration,
     limit: i64,
 ) -> QueryResult<Vec<Claimed>> {
-    prepared::sql_query(concat!(
-        "WITH prior AS ( \
-             SELECT id AS prior_id, gateway_state AS prior_gateway_state FROM payments \
-             WHERE next_check_at <= now() AND status = 'pending' \
-               AND (claimed_until IS NULL OR claimed_until < now()) \
-             ORDER BY next_check_at LIMIT $3 \
-             FOR UPDATE SKIP LOCKED) \
-         UPDATE payments p SET claim_token = $1, \
-                claimed_until = now() + $2 * interval '1 millisecond', \
-                next_check_at = now() + $2 * interval '1 millisecond', \
-                gateway_state = coalesce(p.gateway_state, 'charging') \
-         FROM prior WHERE p.id = prior.prior_id \
-         RETURNING prior_gateway_state, gateway_checks, ",
-        payment_columns!()
+    prepared::sql_query(claim_statement!(
+        "next_check_at <= now() AND status = 'pending' \
+         AND (claimed_until IS NULL OR claimed_until < now()) \
+         ORDER BY next_check_at LIMIT $1 FOR UPDATE SKIP LOCKED"
     ))
+    .bind::<sql_types::BigInt, _>(limit)
     .bind::<sql_types::Uuid, _>(token)
     .bind::<sql_types::BigInt, _>(millis(lease))
-    .bind::<sql_types::BigInt, _>(limit)
     .load(conn)
     .await
 }

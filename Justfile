@@ -19,9 +19,9 @@ migrate:
 test *ARGS:
     cargo nextest run {{ARGS}}
 
-# The 3-node RabbitMQ cluster test: kills and hangs nodes under load and prints how long the pipeline stalled (about 2 minutes; not part of `just test`, CI runs it).
+# Only the 3-node RabbitMQ cluster test (part of `just test`): kills and hangs nodes under load and prints how long the pipeline stalled (about 2 minutes).
 test-cluster *ARGS:
-    cargo nextest run --run-ignored only -E 'test(/^cluster::/)' {{ARGS}}
+    cargo nextest run -E 'test(/^cluster::/)' {{ARGS}}
 
 # Benchmark against the local services (issue 6): `just bench`, or `just bench --quick` (CI).
 bench *ARGS:

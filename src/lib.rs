@@ -6,7 +6,6 @@ pub mod api;
 pub mod config;
 pub mod db;
 pub mod domain;
-pub mod error;
 pub mod gateway;
 pub mod logging;
 pub mod metrics;

@@ -2,9 +2,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use async_pay::config::{Settings, duration_str};
+use async_pay::config::Settings;
 use async_pay::roles;
 use clap::{Parser, Subcommand};
 
@@ -30,48 +29,31 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the whole pipeline in one process, for development and trying it out: create and
-    /// migrate the database, then the API, relay, consumer and dlq-watch; Ctrl-C stops them.
+    /// Migrate, then run the API, relay, consumer and dlq-watch in one process (Ctrl-C stops).
     Dev,
     /// Run the HTTP API (applies pending migrations first; never creates the database).
     Serve,
     /// Move outbox events to RabbitMQ (polls the outbox; several relays may run at once).
-    Relay {
-        /// Publish everything unpublished, print how many, and exit (for cron). Exits non-zero
-        /// when the database or RabbitMQ is unreachable.
-        #[arg(long)]
-        once: bool,
-    },
+    Relay(roles::relay::Args),
     /// Process payment events through the gateway, reconcile unknown outcomes, send webhooks.
     Consume,
-    /// Ask the payment provider about every payment whose outcome is unknown, once, and exit
-    /// (for cron; `consume` does the same continuously). Exits non-zero when the database is
-    /// unreachable or the provider refuses our configuration.
+    /// Ask the payment provider about every payment whose outcome is unknown, once (for cron;
+    /// `consume` does it continuously). Exits 1 without database, or when the provider refuses.
     Reconcile,
     /// Record every dead-lettered message in the dead_letters table.
     DlqWatch,
     /// Create the database if missing, apply pending migrations, and exit.
     Migrate,
     /// List and replay dead letters (the dead_letters table that dlq-watch fills).
-    Dlq {
-        #[command(subcommand)]
-        command: roles::dlq::DlqCommand,
-    },
+    #[command(subcommand)]
+    Dlq(roles::dlq::DlqCommand),
     /// Exit 0 if the API answers GET /health with 200, else 1 (for container health checks).
-    Healthcheck {
-        /// URL to ask; default: /health on server.bind (a wildcard address becomes loopback).
-        #[arg(long, value_name = "URL")]
-        url: Option<String>,
-        /// Give up after this long ("500ms", "3s").
-        #[arg(long, default_value = "3s", value_parser = duration_str::parse)]
-        timeout: Duration,
-    },
+    Healthcheck(roles::healthcheck::Args),
 }
 
 fn main() -> ExitCode {
     async_pay::logging::init();
-    let cli = Cli::parse();
-    match run(cli) {
+    match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e:#}");
@@ -82,33 +64,28 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Healthcheck { url, timeout } = cli.command {
-        return roles::healthcheck(cli.config.as_deref(), url, timeout);
+    if let Command::Healthcheck(args) = cli.command {
+        return roles::healthcheck(cli.config.as_deref(), args);
     }
     let settings = Settings::load(cli.config.as_deref())?;
     roles::runtime(&settings)?.block_on(async move {
         match cli.command {
             Command::Dev => roles::dev::run(settings).await,
             Command::Serve => roles::serve::run(settings).await,
-            Command::Relay { once: true } => roles::relay_once(&settings).await,
-            Command::Relay { once: false } => roles::relay(settings).await,
+            Command::Relay(args) if args.once => roles::relay_once(&settings).await,
+            Command::Relay(_) => roles::relay(settings).await,
             Command::Consume => roles::consume(settings).await,
             Command::Reconcile => roles::reconcile(&settings).await,
             Command::DlqWatch => roles::dlq_watch(settings).await,
-            Command::Dlq { command } => roles::dlq::run(&settings, command).await,
+            Command::Dlq(command) => roles::dlq::run(&settings, command).await,
             Command::Migrate => roles::migrate(&settings).await,
             // Handled above, before any runtime or configuration is needed.
-            Command::Healthcheck { .. } => Ok(()),
+            Command::Healthcheck(_) => Ok(()),
         }
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use clap::CommandFactory;
-
-    #[test]
-    fn cli_definition_is_valid() {
-        super::Cli::command().debug_assert();
-    }
+#[test]
+fn cli_definition_is_valid() {
+    <Cli as clap::CommandFactory>::command().debug_assert();
 }

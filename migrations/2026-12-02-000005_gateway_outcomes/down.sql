@@ -1,7 +1,7 @@
-DROP INDEX payments_pending_created_idx;
-DROP INDEX payments_next_check_idx;
 ALTER TABLE payments
     DROP CONSTRAINT payments_failure_check,
+    DROP CONSTRAINT payments_gateway_checks_check,
+    DROP CONSTRAINT payments_gateway_state_check,
     DROP CONSTRAINT payments_outcome_final_check,
     DROP CONSTRAINT payments_gateway_pending_check,
     DROP COLUMN failure_message,

@@ -5,8 +5,8 @@ use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
 use super::AppState;
+use crate::api::error::ErrorDetail;
 use crate::db;
-use crate::error::ErrorDetail;
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct HealthOut {

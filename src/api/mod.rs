@@ -1,7 +1,9 @@
 //! The HTTP API: routes, authentication, request reading. Handlers live in one file per resource.
 
+pub mod error;
 pub mod health;
 pub mod idempotency;
+pub mod metrics;
 pub mod openapi;
 pub mod payments;
 pub mod request_id;
@@ -19,9 +21,9 @@ use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::api::error::ApiError;
 use crate::config::Settings;
 use crate::db::Pool;
-use crate::error::ApiError;
 
 /// What every handler needs; one per HTTP worker, each with its own share of the pool.
 pub struct AppState {
@@ -156,11 +158,7 @@ pub fn route_table() -> Vec<(&'static str, Method, Route)> {
             Method::GET,
             web::get().to(openapi::document),
         ),
-        (
-            METRICS_PATH,
-            Method::GET,
-            web::get().to(crate::metrics::scrape),
-        ),
+        (METRICS_PATH, Method::GET, web::get().to(metrics::scrape)),
         (
             "/api/v1/payments",
             Method::POST,

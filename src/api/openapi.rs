@@ -22,7 +22,7 @@ use super::{AppState, METRICS_PATH, health, payments, webhooks};
         webhooks::resend,
         health::health,
         document,
-        crate::metrics::scrape,
+        super::metrics::scrape,
     ),
     modifiers(&ApiKeyAuth),
     tags(

@@ -8,10 +8,11 @@ use uuid::Uuid;
 
 use super::payments::payment_id;
 use super::{AppState, authenticate};
+use crate::api::error::{ApiError, ErrorBody};
 use crate::db::payments as payments_db;
 use crate::db::webhooks as webhooks_db;
 use crate::db::{self, DbError};
-use crate::error::{ApiError, ErrorBody};
+use crate::domain::PaymentStatus;
 use crate::webhook;
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -140,7 +141,7 @@ pub async fn resend(
                     "this payment was created without a webhook_url".into(),
                 )));
             }
-            if p.status == "pending" {
+            if p.status == PaymentStatus::Pending {
                 return Ok(Err(ApiError::Conflict(
                     "payment_not_final",
                     "the payment is still pending; its webhook is sent once it is final".into(),

@@ -7,6 +7,7 @@ pub mod outbox;
 pub mod payments;
 pub mod prepared;
 pub mod schema;
+pub mod types;
 pub mod webhooks;
 
 use std::future::Future;

@@ -128,3 +128,23 @@ pub async fn backlog(
         .and_then(|s| std::time::Duration::try_from_secs_f64(s.max(0.0)).ok());
     Ok((row.n, age))
 }
+
+/// Reads the outbox backlog into the gauges; false (and the gauges left out of the scrape) when
+/// the database does not answer in time.
+pub async fn record_backlog(pool: &super::Pool, limit: std::time::Duration) -> bool {
+    let read = super::with_timeout(limit, async {
+        let mut conn = super::conn(pool).await?;
+        Ok(backlog(&mut conn).await?)
+    })
+    .await;
+    match read {
+        Ok((n, age)) => {
+            crate::metrics::outbox_backlog(n, age);
+            true
+        }
+        Err(e) => {
+            log::warn!("metrics: cannot read the outbox backlog ({e}); left out of this scrape");
+            false
+        }
+    }
+}

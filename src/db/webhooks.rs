@@ -181,16 +181,20 @@ pub async fn latest_for_payment(
         .optional()
 }
 
-/// Makes a pending delivery due now (a resend while retries are still scheduled).
+/// Makes a pending delivery due now (a resend while retries are still scheduled), unless an
+/// attempt of it is under way (claimed, not yet recorded): that one stays as it is, or a second
+/// sender would POST the same webhook beside it. `None` if it is no longer pending.
 pub async fn make_due_now(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult<Option<Delivery>> {
-    use webhook_deliveries::dsl as d;
-    diesel::update(
-        webhook_deliveries::table
-            .filter(d::id.eq(id))
-            .filter(d::status.eq("pending")),
-    )
-    .set(d::next_attempt_at.eq(diesel::dsl::now))
-    .returning(Delivery::as_returning())
+    diesel::sql_query(concat!(
+        "UPDATE webhook_deliveries d SET next_attempt_at = CASE \
+             WHEN d.attempts > 0 AND NOT EXISTS (SELECT 1 FROM webhook_attempts a \
+                  WHERE a.delivery_id = d.id AND a.attempt = d.attempts) \
+             THEN d.next_attempt_at ELSE now() END \
+         WHERE d.id = $1 AND d.status = 'pending' \
+         RETURNING ",
+        delivery_columns!()
+    ))
+    .bind::<sql_types::Uuid, _>(id)
     .get_result(conn)
     .await
     .optional()

@@ -14,7 +14,7 @@ use super::pause::Permit;
 use super::{Failure, Outcome, Processor, RECORD_PATIENCE, Step, panic_message};
 use crate::db;
 use crate::db::payments::{self as payments_db, Claimed, Payment};
-use crate::domain::{self, Currency, PaymentStatus};
+use crate::domain::{self, PaymentStatus};
 use crate::gateway::{self, Answer, ChargeRequest, Operation};
 use crate::webhook;
 
@@ -125,16 +125,11 @@ impl Processor {
 
     /// Charges a payment (its id as idempotency key), bounded by `gateway.timeout`.
     async fn charge(&self, p: &Payment) -> Answer {
-        let Ok(currency) = p.currency.parse::<Currency>() else {
-            return Answer::Unknown {
-                reason: format!("stored currency {:?} is not supported", p.currency),
-            };
-        };
         let request = ChargeRequest {
             payment_id: p.id,
             merchant: p.merchant.clone(),
             amount: p.amount,
-            currency,
+            currency: p.currency,
             description: p.description.clone(),
             metadata: p.metadata.clone(),
             idempotency_key: ChargeRequest::key_for(p.id),
@@ -259,7 +254,7 @@ impl Processor {
                 Ok(payments_db::claim_state(&mut c, id).await?)
             })
             .await?;
-        if state.is_some_and(|s| s.status == "pending") {
+        if state.is_some_and(|s| s.status == PaymentStatus::Pending) {
             return Err(Failure::LostClaim);
         }
         log::warn!(

@@ -220,7 +220,7 @@ impl Processor {
                 log::warn!("payment {id}: no such payment; nothing to do");
                 Ok(Some(Outcome::UnknownPayment(id)))
             }
-            Some(s) if s.status != "pending" => {
+            Some(s) if s.status.is_final() => {
                 log::info!("payment {id}: already {}; nothing to do", s.status);
                 Ok(Some(Outcome::AlreadyFinal(id)))
             }

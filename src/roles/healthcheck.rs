@@ -6,6 +6,19 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use crate::config::duration_str;
+
+/// The options of `async-pay healthcheck`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// URL to ask; default: /health on server.bind (a wildcard address becomes loopback).
+    #[arg(long, value_name = "URL")]
+    pub url: Option<String>,
+    /// Give up after this long ("500ms", "3s").
+    #[arg(long, default_value = "3s", value_parser = duration_str::parse)]
+    pub timeout: Duration,
+}
+
 /// The `/health` URL of a server bound to `bind` ("0.0.0.0:8000" becomes
 /// "http://127.0.0.1:8000/health").
 pub fn default_url(bind: &str) -> String {

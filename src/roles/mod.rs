@@ -6,19 +6,19 @@ pub mod consume;
 pub mod dev;
 pub mod dlq;
 pub mod dlq_watch;
+pub mod exporter;
 pub mod healthcheck;
 pub mod reconcile;
 pub mod relay;
 pub mod serve;
 
 use std::path::Path;
-use std::time::Duration;
 
 use anyhow::Context;
 
 use crate::config::{Settings, redact_url};
+use crate::db;
 use crate::shutdown::Shutdown;
-use crate::{db, metrics};
 
 /// The runtime every role runs on.
 pub fn runtime(settings: &Settings) -> anyhow::Result<tokio::runtime::Runtime> {
@@ -38,7 +38,7 @@ async fn with_exporter(
     outbox: Option<db::Pool>,
     role: impl Future<Output = anyhow::Result<()>>,
 ) -> anyhow::Result<()> {
-    let exporter = metrics::serve(&settings.metrics.bind, outbox)?;
+    let exporter = exporter::serve(&settings.metrics.bind, outbox)?;
     let result = role.await;
     if let Some(e) = exporter {
         e.stop().await;
@@ -92,16 +92,12 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 }
 
 /// `async-pay healthcheck`: needs no runtime, and no valid configuration when given `--url`.
-pub fn healthcheck(
-    config: Option<&Path>,
-    url: Option<String>,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    let url = match url {
+pub fn healthcheck(config: Option<&Path>, args: healthcheck::Args) -> anyhow::Result<()> {
+    let url = match args.url {
         Some(u) => u,
         None => healthcheck::default_url(&Settings::load(config)?.server.bind),
     };
-    healthcheck::check(&url, timeout).map_err(|e| anyhow::anyhow!("unhealthy: {e}"))?;
+    healthcheck::check(&url, args.timeout).map_err(|e| anyhow::anyhow!("unhealthy: {e}"))?;
     println!("healthy: {url}");
     Ok(())
 }

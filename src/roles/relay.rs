@@ -40,6 +40,14 @@ use crate::domain::correlation::Correlation;
 use crate::logging;
 use crate::shutdown::{Reconnect, Shutdown};
 
+/// The options of `async-pay relay`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Publish everything unpublished, print how many, exit (for cron); 1 when unreachable.
+    #[arg(long)]
+    pub once: bool,
+}
+
 /// Rows deleted per retention statement: small enough to never hold locks for long.
 const RETENTION_BATCH: i64 = 1000;
 /// How often [`housekeep`] runs. Every event leaves two dead tuples in the outbox (marked

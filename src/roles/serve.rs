@@ -19,9 +19,10 @@ use actix_web::middleware::{Logger, from_fn};
 use actix_web::{App, HttpServer, web};
 use anyhow::Context;
 
+use super::exporter::{self, Exporter};
 use crate::api::{self, AppState};
 use crate::config::{DatabaseSettings, Settings, redact_url};
-use crate::{db, metrics};
+use crate::db;
 
 /// A server bound to its address but not yet awaited (tests spawn it and use `addr`).
 pub struct Started {
@@ -29,7 +30,7 @@ pub struct Started {
     pub addr: SocketAddr,
     /// `/metrics` on its own address (`server.metrics_bind`), already running; stop it after
     /// the server.
-    pub metrics: Option<metrics::Exporter>,
+    pub metrics: Option<Exporter>,
 }
 
 /// Binds `server.bind`. The demo merchant's API key is published (config.example.toml, the
@@ -103,7 +104,7 @@ pub fn start_on(settings: &Settings, listener: TcpListener) -> anyhow::Result<St
         // taking connections from requests.
         let mut scrape = settings.database.clone();
         scrape.pool_size = 1;
-        metrics::serve(&settings.server.metrics_bind, Some(db::pool(&scrape)?))
+        exporter::serve(&settings.server.metrics_bind, Some(db::pool(&scrape)?))
             .context("server.metrics_bind")?
     };
     let server = HttpServer::new(move || {
@@ -126,7 +127,7 @@ pub fn start_on(settings: &Settings, listener: TcpListener) -> anyhow::Result<St
             // or bodies.
             .wrap(Logger::new(r#"%a "%r" %s %b %Dms req=%{x-request-id}o"#))
             // Outermost: counts every request, labelled with its matched route pattern.
-            .wrap(from_fn(metrics::track_http))
+            .wrap(from_fn(api::metrics::track_http))
             .configure(|cfg| api::routes_with(cfg, metrics_on_api_port))
     })
     .shutdown_timeout(settings.server.shutdown_timeout.as_secs().max(1))

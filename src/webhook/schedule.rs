@@ -3,16 +3,13 @@
 
 use crate::db::payments::Payment;
 use crate::db::webhooks as webhooks_db;
+use crate::domain;
 use crate::domain::events::webhook_event_type;
-use crate::domain::{self, PaymentStatus};
 
 /// The webhook body for a final payment. `payment_id`, `status` and `processed_at` are the
 /// original service's fields, with the same values `GET` shows.
 pub fn payload(p: &Payment) -> serde_json::Value {
-    let status = p
-        .status
-        .parse::<PaymentStatus>()
-        .unwrap_or(PaymentStatus::Pending);
+    let status = p.status;
     let processed_at = p.processed_at.and_then(|t| {
         t.format(&time::format_description::well_known::Rfc3339)
             .ok()
@@ -53,10 +50,7 @@ pub async fn schedule(
     };
     let id = uuid::Uuid::now_v7();
     let fresh = format!("msg_{}", id.simple());
-    let status = p
-        .status
-        .parse::<PaymentStatus>()
-        .unwrap_or(PaymentStatus::Pending);
+    let status = p.status;
     let payload = payload(p);
     webhooks_db::insert(
         conn,

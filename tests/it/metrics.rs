@@ -152,11 +152,13 @@ async fn a_role_serves_its_metrics_on_its_own_address() {
     let app = TestApp::spawn_with(db, s.clone());
     // What `relay` runs when `metrics.bind` is set: an exporter that also reads the outbox.
     let pool = async_pay::db::pool(&s.database).unwrap();
-    let exporter = async_pay::metrics::serve("127.0.0.1:0", Some(pool))
+    let exporter = async_pay::roles::exporter::serve("127.0.0.1:0", Some(pool))
         .unwrap()
         .expect("a non-empty bind starts the exporter");
     assert!(
-        async_pay::metrics::serve("", None).unwrap().is_none(),
+        async_pay::roles::exporter::serve("", None)
+            .unwrap()
+            .is_none(),
         "an empty bind means off"
     );
     let url = format!("http://{}/metrics", exporter.addr);

@@ -97,6 +97,8 @@ pub struct CountingGateway {
     pub delay: Duration,
     pub panics: bool,
     charged: Mutex<HashSet<uuid::Uuid>>,
+    /// When each call (charge or status) came.
+    pub times: Mutex<Vec<std::time::Instant>>,
 }
 
 impl CountingGateway {
@@ -107,6 +109,7 @@ impl CountingGateway {
             delay,
             panics,
             charged: Mutex::new(HashSet::new()),
+            times: Mutex::new(Vec::new()),
         })
     }
     /// Charge calls.
@@ -119,6 +122,7 @@ impl CountingGateway {
 impl Gateway for CountingGateway {
     async fn charge(&self, r: &ChargeRequest) -> Answer {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        self.times.lock().unwrap().push(std::time::Instant::now());
         assert!(!self.panics, "the gateway client has a bug");
         tokio::time::sleep(self.delay).await;
         self.charged.lock().unwrap().insert(r.payment_id);
@@ -128,6 +132,7 @@ impl Gateway for CountingGateway {
     }
     async fn status(&self, id: uuid::Uuid) -> Answer {
         self.statuses.fetch_add(1, Ordering::SeqCst);
+        self.times.lock().unwrap().push(std::time::Instant::now());
         assert!(!self.panics, "the gateway client has a bug");
         if self.charged.lock().unwrap().contains(&id) {
             Answer::Succeeded {
@@ -636,6 +641,18 @@ async fn a_payment_that_keeps_failing_ends_in_dead_letters_after_the_delivery_li
         (1, s.amqp.delivery_limit as usize - 1),
         "delivered delivery_limit times, then given up"
     );
+    // Each retry came after the backoff: 1 s after the first failure, 2 s after the second
+    // (lower bounds, which no slow machine can break).
+    let times = gateway.times.lock().unwrap().clone();
+    for (n, pair) in times.windows(2).enumerate() {
+        let gap = pair[1] - pair[0];
+        let least = Duration::from_millis(950 * (1 << n));
+        assert!(
+            gap >= least,
+            "delivery {} came {gap:?} after the one before",
+            n + 2
+        );
+    }
     assert_eq!(
         app.db.count(&format!(
             "SELECT count(*) AS n FROM dead_letters WHERE payment_id = '{id}' AND reason = 'rejected' \

@@ -112,8 +112,8 @@ async fn hot_statements_are_prepared_once_per_connection() {
     for needle in [
         "WITH p AS ( INSERT INTO payments",
         "LEFT JOIN LATERAL",
-        "UPDATE payments p SET claim_token = $2",
-        "UPDATE payments p SET claim_token = $1",
+        "WHERE id = $1 AND status = 'pending' AND (claimed_until",
+        "WHERE next_check_at <= now()",
         "UPDATE payments SET gateway_state = 'unknown'",
         "SELECT (SELECT count(*) FROM payments",
         "SELECT status, (extract(epoch",

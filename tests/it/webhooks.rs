@@ -936,3 +936,53 @@ async fn no_more_than_webhook_concurrency_attempts_are_in_flight() {
     );
     roles.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resend_while_an_attempt_is_in_flight_sends_no_second_post() {
+    let db = TestDb::new().await;
+    let (s, _broker) = fast(&db);
+    let app = TestApp::spawn_with(db, s.clone());
+    let receiver = Receiver::start().await;
+    // The first POST is held unanswered: its attempt is under way.
+    receiver.script(&[Reply::Hold]);
+    let mut roles = Roles::new();
+    roles
+        .relay(&s)
+        .consume(&s, Arc::new(SimulatedGateway::new(&s.gateway)));
+    let id = pay(&app, &s, "held", &receiver.url("/held")).await;
+    eventually(
+        Duration::from_secs(15),
+        "the first attempt to be in flight",
+        || async { (receiver.received().len() == 1).then_some(()) },
+    )
+    .await;
+    let url = app.url(&format!("/api/v1/payments/{id}/webhook/resend"));
+    let r = request("POST", &url, &[("X-API-Key", KEY_A)], None).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    // A later payment's webhook arriving means the sender has looked for due deliveries since
+    // the resend: a delivery made due by it would have been claimed and POSTed by then.
+    pay(&app, &s, "marker", &receiver.url("/marker")).await;
+    eventually(Duration::from_secs(15), "the marker's webhook", || async {
+        receiver
+            .received()
+            .iter()
+            .any(|r| r.path == "/marker")
+            .then_some(())
+    })
+    .await;
+    let held = receiver
+        .received()
+        .iter()
+        .filter(|r| r.path == "/held")
+        .count();
+    assert_eq!(held, 1, "a second POST beside the one in flight");
+    assert_eq!(attempts_made(&app, &id), 1);
+    receiver.release_held();
+    eventually(
+        Duration::from_secs(15),
+        "the held attempt to be recorded",
+        || async { (delivery_status(&app, &id, "delivered") == 1).then_some(()) },
+    )
+    .await;
+    roles.stop().await;
+}

@@ -6,10 +6,10 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::response::PaymentOut;
+use crate::api::error::{ApiError, ErrorBody};
 use crate::api::{AppState, authenticate};
 use crate::db::{self, payments as payments_db};
 use crate::domain::PaymentStatus;
-use crate::error::{ApiError, ErrorBody};
 
 /// Default and largest page of the payment list.
 pub const DEFAULT_PAGE: i64 = 50;

@@ -11,10 +11,10 @@ use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use uuid::Uuid;
 
 use super::{AppState, authenticate, read_body};
+use crate::api::error::{ApiError, ErrorBody};
 use crate::db::payments::{self as payments_db, NewPayment, Payment};
 use crate::db::{self, DbError};
 use crate::domain;
-use crate::error::{ApiError, ErrorBody};
 pub use request::PaymentRequest;
 use request::{PaymentIn, check_content_type, idempotency_key};
 use response::{CreatedOut, PaymentOut};

@@ -7,9 +7,9 @@ use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::api::error::ApiError;
 use crate::api::idempotency::write_canonical_json;
 use crate::domain::{self, Currency};
-use crate::error::ApiError;
 
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 pub const MAX_DESCRIPTION_CHARS: usize = 1000;

@@ -11,8 +11,7 @@ use crate::domain::{self, Currency, PaymentStatus};
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedOut {
     pub payment_id: Uuid,
-    #[schema(value_type = PaymentStatus)]
-    pub status: String,
+    pub status: PaymentStatus,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
 }
@@ -23,13 +22,11 @@ pub struct PaymentOut {
     /// Always two decimals, as a string: `"100.50"`.
     #[schema(example = "100.50")]
     pub amount: String,
-    #[schema(value_type = Currency)]
-    pub currency: String,
+    pub currency: Currency,
     pub description: Option<String>,
     #[schema(value_type = Object)]
     pub metadata: Value,
-    #[schema(value_type = PaymentStatus)]
-    pub status: String,
+    pub status: PaymentStatus,
     pub idempotency_key: String,
     pub webhook_url: Option<String>,
     #[serde(with = "time::serde::rfc3339")]

@@ -1,0 +1,2 @@
+-- Nothing to undo: validating a constraint changes no data.
+SELECT 1;

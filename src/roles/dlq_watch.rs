@@ -2,13 +2,13 @@
 //!
 //! Loop: consume `amqp.dead_letter_queue`; for each message write a `dead_letters` row (message
 //! id, payment id, `x-death` reason and count, original queue, body, headers) and only then ack
-//! it; log it at WARN, under the request id the message carries (`[req …]`, the POST's). Recording is idempotent on the message id, so a redelivery after a crash
-//! between insert and ack changes nothing. While the database is down the message stays unacked
-//! (and in the queue) and the insert is retried with backoff; a lost broker connection is
-//! reopened with backoff. Text the database cannot hold (a NUL byte in the message id or a
-//! header) is escaped; a row the database refuses for any other reason is parked (body, payment
-//! id and the refusal, reason `unrecordable`) and acked, so no dead letter blocks the ones behind
-//! it.
+//! it; log it at WARN, under the request id the message carries (`[req …]`, the POST's).
+//! Recording is idempotent on the message id, so a redelivery after a crash between insert and
+//! ack changes nothing. While the database is down the message stays unacked (and in the queue)
+//! and the insert is retried with backoff; a lost broker connection is reopened with backoff.
+//! Text the database cannot hold (a NUL byte in the message id or a header) is escaped; a row
+//! the database refuses for any other reason is parked (body, payment id and the refusal, reason
+//! `unrecordable`) and acked, so no dead letter blocks the ones behind it.
 
 use amqprs::BasicProperties;
 use sha2::{Digest, Sha256};

@@ -132,7 +132,10 @@ impl Session {
                     let (Some(deliver), Some(body)) = (msg.deliver, msg.content) else {
                         continue;
                     };
-                    let settle = Settle { channel: self.channel.clone(), tag: deliver.delivery_tag() };
+                    let settle = Settle {
+                        channel: self.channel.clone(),
+                        tag: deliver.delivery_tag(),
+                    };
                     return Ok(Some(Delivery { body, props: msg.basic_properties, settle }));
                 }
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}

@@ -339,12 +339,14 @@ async fn poison_messages_on_the_real_binary_never_loop_or_stop_it() {
         .await
         .unwrap();
     }
-    let _ = conn.close().await;
     let (accepted, _) = tokio::task::block_in_place(|| s.pay_many("after-poison", 20, 2));
     // Only the oversized body is dead-lettered (over the consumer's size cap); the others are
     // acked.
     s.assert_nothing_lost(&accepted, 1, Duration::from_secs(30))
         .await;
+    // Closed only now: publishes without confirms that are still on their way when the
+    // connection closes may never reach the broker.
+    let _ = conn.close().await;
     eventually(Duration::from_secs(10), "the queue to drain", || async {
         (s.broker.depth(&s.broker.settings.queue).await == 0).then_some(())
     })

@@ -5,10 +5,25 @@
 //!   `Idempotency-Key: {payment id}`, a JSON body with the payment.
 //! - `GET {url}/v1/charges/{payment id}`, the same `Authorization`.
 //!
-//! How each answer is read is [`classify`]. Calls are blocking (ureq) on Tokio's blocking pool;
-//! each is bounded by `gateway.timeout` (ureq's global timeout, and the caller's own).
+//! How each answer is read is [`classify`]. Calls are asynchronous (hyper, HTTP/1.1 over a pool
+//! of keep-alive connections): a call in flight is a task and a connection, not a thread, so a
+//! consumer with 1,000 payments at the provider stays small. Each call is bounded by
+//! `gateway.timeout` (here, and by the caller). A request is sent again on another connection
+//! only when it was never written to the first one (a pooled connection found closed); once its
+//! sending has started, a failure is an unknown outcome, never a second request.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Uri};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use uuid::Uuid;
 
 use super::{Answer, ChargeRequest, Gateway, Operation};
@@ -16,28 +31,42 @@ use crate::config::{GatewaySettings, redact_url};
 use crate::domain;
 
 /// Largest answer body read; the contract's answers are a few hundred bytes.
-const BODY_LIMIT: u64 = 64 * 1024;
-/// ureq's per-connection buffers (128 KiB each by default): the contract's messages are small,
-/// and a consumer keeps up to `amqp.prefetch` calls open at once.
-const BUFFER_SIZE: usize = 16 * 1024;
+const BODY_LIMIT: usize = 64 * 1024;
 /// Idle keep-alive connections kept to the provider: as many as calls may run at once, so a
 /// steady load reuses connections instead of opening one per call.
 const IDLE_CONNECTIONS: usize = 1024;
+/// How long an idle connection is kept (ureq's default, which this connector used before): a
+/// provider that closes idle connections sooner is noticed when it closes them, and a request
+/// that finds its pooled connection closed before it was written goes out on a new one.
+const IDLE_AGE: Duration = Duration::from_secs(15);
 /// Longest charge id accepted (a provider's reference is short: Stripe's are 27 characters).
 const CHARGE_ID_LIMIT: usize = 255;
 /// Longest decline message or unknown reason kept (they are stored and shown to merchants).
 const TEXT_LIMIT: usize = 500;
+const USER_AGENT: &str = concat!("async-pay/", env!("CARGO_PKG_VERSION"));
+
+type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 pub struct HttpGateway {
-    agent: ureq::Agent,
+    client: HttpClient,
     /// `{url}/v1/charges`
-    charges: String,
-    /// `Bearer {api_key}`; never logged.
-    authorization: String,
+    charges: Uri,
+    /// `Bearer {api_key}`, marked sensitive; never logged.
+    authorization: HeaderValue,
+    timeout: Duration,
 }
 
 impl HttpGateway {
+    /// The connector for `gateway.url`, trusting the public web PKI (webpki roots).
     pub fn new(s: &GatewaySettings) -> anyhow::Result<Self> {
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        Self::with_roots(s, roots)
+    }
+
+    /// The connector trusting these certificate authorities instead (tests: a local CA).
+    pub fn with_roots(s: &GatewaySettings, roots: rustls::RootCertStore) -> anyhow::Result<Self> {
         let base = s.url.trim().trim_end_matches('/');
         let parsed = url::Url::parse(base)
             .map_err(|e| anyhow::anyhow!("gateway.url {}: {e}", redact_url(base)))?;
@@ -47,63 +76,105 @@ impl HttpGateway {
                 redact_url(base)
             );
         }
-        let config = ureq::Agent::config_builder()
-            .timeout_global(Some(s.timeout))
-            .http_status_as_error(false)
-            // A redirect from a payment provider is not part of the contract: read it as an
-            // answer (unknown), never follow it with the API key.
-            .max_redirects(0)
-            .max_redirects_will_error(false)
-            // Never through a proxy from the environment (HTTPS_PROXY, ALL_PROXY …): the
-            // bearer key goes to gateway.url and nowhere else. An egress proxy belongs in front
-            // of the adapter, configured there.
-            .proxy(None)
-            .input_buffer_size(BUFFER_SIZE)
-            .output_buffer_size(BUFFER_SIZE)
-            .max_idle_connections(IDLE_CONNECTIONS)
-            .max_idle_connections_per_host(IDLE_CONNECTIONS)
-            .user_agent(concat!("async-pay/", env!("CARGO_PKG_VERSION")))
-            .build();
+        let charges: Uri = format!("{base}/v1/charges")
+            .parse()
+            .map_err(|e| anyhow::anyhow!("gateway.url {}: {e}", redact_url(base)))?;
+        let mut authorization = HeaderValue::try_from(format!("Bearer {}", s.api_key.expose()))
+            .map_err(|_| anyhow::anyhow!("gateway.api_key is not a valid HTTP header value"))?;
+        authorization.set_sensitive(true);
+
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow::anyhow!("cannot set up TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut tcp = HttpConnector::new();
+        // The https connector below decides the scheme; this one only opens TCP connections.
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(s.timeout));
+        // A connector of our own: no proxy from the environment (HTTPS_PROXY, ALL_PROXY …), the
+        // bearer key goes to gateway.url and nowhere else. An egress proxy belongs in front of
+        // the adapter, configured there.
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp);
+        // HTTP/1.1 only (the crate is built without HTTP/2). hyper follows no redirects: a 3xx
+        // is an answer (unknown), never followed with the API key.
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(IDLE_CONNECTIONS)
+            .pool_idle_timeout(IDLE_AGE)
+            .pool_timer(TokioTimer::new())
+            // Resend only a request that was never written (its pooled connection was found
+            // closed before): hyper-util's default, named because the contract depends on it.
+            .retry_canceled_requests(true)
+            .build(connector);
         Ok(HttpGateway {
-            agent: config.into(),
-            charges: format!("{base}/v1/charges"),
-            authorization: format!("Bearer {}", s.api_key.expose()),
+            client,
+            charges,
+            authorization,
+            timeout: s.timeout,
         })
     }
 
-    /// Sends a request on the blocking pool and reads the answer.
-    async fn call(&self, operation: Operation, request: ureq::http::Request<Vec<u8>>) -> Answer {
-        let agent = self.agent.clone();
-        let sent = tokio::task::spawn_blocking(move || -> Result<(u16, Vec<u8>), String> {
-            let mut resp = agent.run(request).map_err(describe)?;
-            let status = resp.status().as_u16();
-            // A body that cannot be read whole is still an answer with this status.
-            let body = resp
-                .body_mut()
-                .with_config()
-                .limit(BODY_LIMIT)
-                .read_to_vec()
-                .unwrap_or_default();
-            Ok((status, body))
-        })
-        .await;
-        match sent {
-            Ok(Ok((status, body))) => classify(operation, status, &body),
-            Ok(Err(reason)) => Answer::Unknown { reason },
-            Err(e) => Answer::Unknown {
-                reason: format!("the call did not finish: {e}"),
-            },
-        }
+    /// Sends a request and reads the answer, within `gateway.timeout`.
+    async fn call(&self, operation: Operation, request: Request<Full<Bytes>>) -> Answer {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let sent = tokio::time::timeout_at(deadline, self.client.request(request)).await;
+        let response = match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                return Answer::Unknown {
+                    reason: describe(&e),
+                };
+            }
+            Err(_) => {
+                return Answer::Unknown {
+                    reason: "no answer within gateway.timeout".to_string(),
+                };
+            }
+        };
+        let status = response.status().as_u16();
+        // A body that cannot be read whole (over BODY_LIMIT, cut short, past the deadline) is
+        // still an answer with this status. Its connection is then closed, not reused.
+        let body = tokio::time::timeout_at(
+            deadline,
+            Limited::new(response.into_body(), BODY_LIMIT).collect(),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+        classify(operation, status, &body)
+    }
+
+    fn request(&self, method: hyper::Method, uri: Uri, body: Vec<u8>) -> Request<Full<Bytes>> {
+        let mut request = Request::new(Full::new(Bytes::from(body)));
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        headers.insert(header::AUTHORIZATION, self.authorization.clone());
+        headers.insert(header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+        request
     }
 }
 
-/// A transport error as a reason (no URL: it is in the configuration, and the error text of a
-/// connection failure already names the address).
-fn describe(e: ureq::Error) -> String {
-    match e {
-        ureq::Error::Timeout(_) => "no answer within gateway.timeout".to_string(),
-        other => shorten(&other.to_string()),
+/// A transport error as a reason: hyper's error and its causes (no URL: it is in the
+/// configuration, and the cause of a connection failure names the address).
+fn describe(e: &hyper_util::client::legacy::Error) -> String {
+    let mut reason = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        reason.push_str(": ");
+        reason.push_str(&c.to_string());
+        cause = c.source();
     }
+    shorten(&reason)
 }
 
 /// A provider's text as storable text: at most [`TEXT_LIMIT`] bytes, NUL (which PostgreSQL
@@ -223,29 +294,36 @@ impl Gateway for HttpGateway {
             "description": r.description,
             "metadata": r.metadata,
         });
-        let request = ureq::http::Request::post(&self.charges)
-            .header("Authorization", &self.authorization)
-            .header("Idempotency-Key", &r.idempotency_key)
-            .header("Content-Type", "application/json")
-            .body(serde_json::to_vec(&body).unwrap_or_default());
-        match request {
-            Ok(req) => self.call(Operation::Charge, req).await,
-            Err(e) => Answer::Misconfigured {
-                reason: format!("cannot build the request: {e}"),
-            },
-        }
+        let key = match HeaderValue::try_from(r.idempotency_key.as_str()) {
+            Ok(k) => k,
+            Err(e) => {
+                return Answer::Misconfigured {
+                    reason: format!("cannot build the request: {e}"),
+                };
+            }
+        };
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        let mut request = self.request(hyper::Method::POST, self.charges.clone(), body);
+        let headers = request.headers_mut();
+        headers.insert("idempotency-key", key);
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        self.call(Operation::Charge, request).await
     }
 
     async fn status(&self, payment_id: Uuid) -> Answer {
-        let request = ureq::http::Request::get(format!("{}/{payment_id}", self.charges))
-            .header("Authorization", &self.authorization)
-            .body(Vec::new());
-        match request {
-            Ok(req) => self.call(Operation::Status, req).await,
-            Err(e) => Answer::Misconfigured {
-                reason: format!("cannot build the request: {e}"),
-            },
-        }
+        let uri = match format!("{}/{payment_id}", self.charges).parse::<Uri>() {
+            Ok(u) => u,
+            Err(e) => {
+                return Answer::Misconfigured {
+                    reason: format!("cannot build the request: {e}"),
+                };
+            }
+        };
+        let request = self.request(hyper::Method::GET, uri, Vec::new());
+        self.call(Operation::Status, request).await
     }
 }
 

@@ -20,13 +20,18 @@ use crate::config::{Settings, redact_url};
 use crate::db;
 use crate::shutdown::Shutdown;
 
+/// Tokio's default size of the blocking pool.
+const TOKIO_BLOCKING_THREADS: usize = 512;
+
 /// The runtime every role runs on.
 pub fn runtime(settings: &Settings) -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // The HTTP gateway connector and the webhook sender block a thread per call (ureq): room
-        // for a call per message in flight besides Tokio's default 512.
-        .max_blocking_threads(512 + usize::from(settings.amqp.prefetch))
+        // The webhook sender blocks a thread per POST in flight (ureq), at most
+        // webhook.concurrency: Tokio's default of 512 holds that unless it is set higher, and
+        // leaves room for the rest (the gateway connector's DNS lookups, migrations). The gateway
+        // connector is asynchronous: its calls in flight need no thread.
+        .max_blocking_threads(TOKIO_BLOCKING_THREADS.max(settings.webhook.concurrency + 64))
         .build()
         .context("cannot start the async runtime")
 }

@@ -18,6 +18,7 @@ mod dev;
 mod dlq;
 mod faults;
 mod gateway;
+mod gateway_http;
 mod helpers;
 mod metrics;
 mod openapi;

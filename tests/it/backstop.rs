@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use amqprs::BasicProperties;
-use amqprs::channel::{BasicConsumeArguments, BasicPublishArguments, BasicQosArguments};
+use amqprs::channel::{BasicConsumeArguments, BasicQosArguments};
 use serde_json::json;
 
 use crate::broker::TestBroker;
@@ -22,19 +22,21 @@ async fn publish_to(
     messages: &[(&str, Vec<u8>)],
 ) {
     let conn = broker.connect().await;
-    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
+    let publisher = crate::broker::ConfirmedPublisher::open(&conn).await;
     async_pay::amqp::topology::declare(&conn, &broker.settings)
         .await
         .unwrap();
     for (id, body) in messages {
-        ch.basic_publish(
-            BasicProperties::default().with_message_id(id).finish(),
-            body.clone(),
-            BasicPublishArguments::new(exchange, routing_key),
-        )
-        .await
-        .unwrap();
+        publisher
+            .publish(
+                exchange,
+                routing_key,
+                BasicProperties::default().with_message_id(id).finish(),
+                body.clone(),
+            )
+            .await;
     }
+    publisher.confirmed().await;
     let _ = conn.close().await;
 }
 

@@ -4,7 +4,14 @@
 use amqprs::channel::{
     BasicGetArguments, ExchangeDeleteArguments, QueueDeclareArguments, QueueDeleteArguments,
 };
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use amqprs::callbacks::ChannelCallback;
+use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments};
 use amqprs::connection::Connection;
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
 use async_pay::config::Settings;
 
 /// Gives `settings` its own exchange and queue names; deletes them when dropped.
@@ -59,6 +66,116 @@ impl TestBroker {
         }
         let _ = conn.close().await;
         out
+    }
+}
+
+/// Publishes messages exactly as a test builds them (any properties, any exchange) and waits for
+/// the broker's confirms. A test that publishes without confirms and closes its connection at
+/// once can lose messages on their way (seen in CI: a dead letter that never arrived).
+pub struct ConfirmedPublisher {
+    channel: Channel,
+    tags: Arc<Mutex<Tags>>,
+}
+
+/// Next delivery tag, tags not yet confirmed, tags the broker refused.
+type Tags = (u64, BTreeSet<u64>, Vec<u64>);
+
+struct Confirms(Arc<Mutex<Tags>>);
+
+impl Confirms {
+    fn settle(&self, tag: u64, multiple: bool, acked: bool) {
+        let mut t = self.0.lock().unwrap();
+        let settled: Vec<u64> = if multiple {
+            t.1.range(..=tag).copied().collect()
+        } else {
+            vec![tag]
+        };
+        for tag in settled {
+            t.1.remove(&tag);
+            if !acked {
+                t.2.push(tag);
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ChannelCallback for Confirms {
+    async fn close(&mut self, _: &Channel, _: CloseChannel) -> Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+    async fn cancel(&mut self, _: &Channel, _: Cancel) -> Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+    async fn flow(&mut self, _: &Channel, active: bool) -> Result<bool, amqprs::error::Error> {
+        Ok(active)
+    }
+    async fn publish_ack(&mut self, _: &Channel, ack: Ack) {
+        self.settle(ack.delivery_tag(), ack.mutiple(), true);
+    }
+    async fn publish_nack(&mut self, _: &Channel, nack: Nack) {
+        self.settle(nack.delivery_tag(), nack.multiple(), false);
+    }
+    async fn publish_return(&mut self, _: &Channel, _: Return, _: BasicProperties, _: Vec<u8>) {}
+}
+
+impl ConfirmedPublisher {
+    pub async fn open(conn: &Connection) -> ConfirmedPublisher {
+        let channel = conn.open_channel(None).await.unwrap();
+        let tags = Arc::new(Mutex::new((1, BTreeSet::new(), Vec::new())));
+        channel
+            .register_callback(Confirms(tags.clone()))
+            .await
+            .unwrap();
+        channel
+            .confirm_select(ConfirmSelectArguments::new(false))
+            .await
+            .unwrap();
+        ConfirmedPublisher { channel, tags }
+    }
+
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        props: BasicProperties,
+        body: Vec<u8>,
+    ) {
+        {
+            let mut t = self.tags.lock().unwrap();
+            let tag = t.0;
+            t.0 += 1;
+            t.1.insert(tag);
+        }
+        self.channel
+            .basic_publish(
+                props,
+                body,
+                BasicPublishArguments::new(exchange, routing_key),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Returns once the broker has confirmed every publish so far; panics on a nack or after
+    /// 10 s.
+    pub async fn confirmed(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            {
+                let t = self.tags.lock().unwrap();
+                assert!(t.2.is_empty(), "the broker refused publishes {:?}", t.2);
+                if t.1.is_empty() {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no confirm in 10 s for publishes {:?}",
+                    t.1
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 

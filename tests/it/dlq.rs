@@ -422,21 +422,19 @@ async fn two_concurrent_replays_of_one_dead_letter_write_one_outbox_event() {
 
 /// Publishes one message straight to the test's dead-letter queue (as RabbitMQ would).
 async fn publish_dead(
-    ch: &amqprs::channel::Channel,
+    publisher: &crate::broker::ConfirmedPublisher,
     s: &async_pay::config::Settings,
     props: amqprs::BasicProperties,
     body: Vec<u8>,
 ) {
-    ch.basic_publish(
-        props,
-        body,
-        amqprs::channel::BasicPublishArguments::new(
+    publisher
+        .publish(
             &s.amqp.dead_letter_exchange,
             &s.amqp.dead_letter_queue,
-        ),
-    )
-    .await
-    .unwrap();
+            props,
+            body,
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -459,7 +457,7 @@ async fn a_poison_dead_letter_does_not_stop_dlq_watch_recording() {
     async_pay::amqp::topology::declare(&conn, &s.amqp)
         .await
         .unwrap();
-    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
+    let ch = crate::broker::ConfirmedPublisher::open(&conn).await;
     // 1. NUL bytes in the message id and in a header: PostgreSQL text and jsonb refuse them.
     let mut headers = amqprs::FieldTable::new();
     headers.insert(
@@ -481,6 +479,7 @@ async fn a_poison_dead_letter_does_not_stop_dlq_watch_recording() {
         .with_message_id("ordinary")
         .finish();
     publish_dead(&ch, &s, normal, body(p3)).await;
+    ch.confirmed().await;
     let _ = conn.close().await;
 
     let mut roles = Roles::new();

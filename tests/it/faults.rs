@@ -320,7 +320,7 @@ async fn poison_messages_on_the_real_binary_never_loop_or_stop_it() {
     async_pay::amqp::topology::declare(&conn, &s.broker.settings)
         .await
         .unwrap();
-    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
+    let publisher = crate::broker::ConfirmedPublisher::open(&conn).await;
     let unknown = serde_json::json!({"payment_id": uuid::Uuid::new_v4()}).to_string();
     for body in [
         b"\x00\xffnot json".to_vec(),
@@ -328,25 +328,22 @@ async fn poison_messages_on_the_real_binary_never_loop_or_stop_it() {
         unknown.into_bytes(),
         vec![b'['; 2 << 20],
     ] {
-        ch.basic_publish(
-            amqprs::BasicProperties::default(),
-            body,
-            amqprs::channel::BasicPublishArguments::new(
+        publisher
+            .publish(
                 &s.broker.settings.exchange,
                 &s.broker.settings.routing_key,
-            ),
-        )
-        .await
-        .unwrap();
+                amqprs::BasicProperties::default(),
+                body,
+            )
+            .await;
     }
+    publisher.confirmed().await;
+    let _ = conn.close().await;
     let (accepted, _) = tokio::task::block_in_place(|| s.pay_many("after-poison", 20, 2));
     // Only the oversized body is dead-lettered (over the consumer's size cap); the others are
     // acked.
     s.assert_nothing_lost(&accepted, 1, Duration::from_secs(30))
         .await;
-    // Closed only now: publishes without confirms that are still on their way when the
-    // connection closes may never reach the broker.
-    let _ = conn.close().await;
     eventually(Duration::from_secs(10), "the queue to drain", || async {
         (s.broker.depth(&s.broker.settings.queue).await == 0).then_some(())
     })

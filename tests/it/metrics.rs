@@ -255,22 +255,21 @@ async fn publish_dead_letter(broker: &TestBroker, s: &async_pay::config::Setting
     async_pay::amqp::topology::declare(&conn, &s.amqp)
         .await
         .unwrap();
-    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
+    let publisher = crate::broker::ConfirmedPublisher::open(&conn).await;
     let props = amqprs::BasicProperties::default()
         .with_message_id("dead-by-hand")
         .finish();
-    ch.basic_publish(
-        props,
-        json!({"payment_id": uuid::Uuid::new_v4()})
-            .to_string()
-            .into_bytes(),
-        amqprs::channel::BasicPublishArguments::new(
+    publisher
+        .publish(
             &s.amqp.dead_letter_exchange,
             &s.amqp.dead_letter_queue,
-        ),
-    )
-    .await
-    .unwrap();
+            props,
+            json!({"payment_id": uuid::Uuid::new_v4()})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+    publisher.confirmed().await;
     let _ = conn.close().await;
 }
 

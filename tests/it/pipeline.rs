@@ -561,21 +561,23 @@ async fn poison_messages_are_acked_and_do_not_stop_the_consumer() {
     async_pay::amqp::topology::declare(&conn, &s.amqp)
         .await
         .unwrap();
-    let ch = async_pay::amqp::open_channel(&conn).await.unwrap();
+    let publisher = crate::broker::ConfirmedPublisher::open(&conn).await;
     for poison in [
         &b"garbage"[..],
         b"{}",
         body.as_bytes(),
         &vec![b'x'; 1 << 20],
     ] {
-        ch.basic_publish(
-            amqprs::BasicProperties::default(),
-            poison.to_vec(),
-            amqprs::channel::BasicPublishArguments::new(&s.amqp.exchange, &s.amqp.routing_key),
-        )
-        .await
-        .unwrap();
+        publisher
+            .publish(
+                &s.amqp.exchange,
+                &s.amqp.routing_key,
+                amqprs::BasicProperties::default(),
+                poison.to_vec(),
+            )
+            .await;
     }
+    publisher.confirmed().await;
     let r = app
         .post_payment(
             KEY_A,

@@ -151,7 +151,7 @@ def import_pika():
                  "--target", str(pydeps), "pika==1.3.2"])
         sys.path.insert(0, str(pydeps))
     sys.path.insert(0, str(ROOT / "bench"))
-    import amqp_tools
+    from asyncpay_bench import amqp_tools
     return amqp_tools
 
 

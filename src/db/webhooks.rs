@@ -65,8 +65,10 @@ pub async fn insert(conn: &mut AsyncPgConnection, d: &NewDelivery<'_>) -> QueryR
 /// more for each host (`room` minus what this sender already has in flight there, given as
 /// parallel arrays `hosts` / `in_flight`): counts the attempt and pushes `next_attempt_at` out by
 /// `lease`, so a sender that dies mid-attempt leaves the delivery due again once the lease has
-/// passed (a live sender renews it with [`renew_claims`] while the attempt runs). Several senders share the work (SKIP LOCKED); candidates not chosen are only locked
-/// for the statement.
+/// passed (a live sender renews it with [`renew_claims`] while the attempt runs). Several senders
+/// share the work (SKIP LOCKED); candidates not chosen are only locked for the statement.
+/// `finished_at IS NULL` is the due index's predicate (migration 000011 says why it is not
+/// `status = 'pending'`).
 pub async fn claim_due(
     conn: &mut AsyncPgConnection,
     limit: i64,
@@ -79,7 +81,7 @@ pub async fn claim_due(
         "WITH busy AS (SELECT * FROM unnest($4::text[], $5::int[]) AS b(host, n)), \
          candidates AS ( \
              SELECT id, host, next_attempt_at FROM webhook_deliveries \
-             WHERE status = 'pending' AND next_attempt_at <= now() \
+             WHERE status = 'pending' AND finished_at IS NULL AND next_attempt_at <= now() \
                AND host NOT IN (SELECT host FROM busy WHERE n >= $3) \
              ORDER BY next_attempt_at LIMIT $1 * 4 FOR UPDATE SKIP LOCKED), \
          chosen AS ( \

@@ -154,7 +154,8 @@ pub struct PendingHealth {
     pub oldest_stuck: Option<Uuid>,
 }
 
-/// Counts both, each through its partial index.
+/// Counts both, each through its partial index (`processed_at IS NULL` is how "pending" is said
+/// here: see migration 000010 for why the index does not say `status = 'pending'`).
 pub async fn pending_health(
     conn: &mut AsyncPgConnection,
     stuck_after: std::time::Duration,
@@ -163,9 +164,9 @@ pub async fn pending_health(
         "SELECT (SELECT count(*) FROM payments \
                  WHERE next_check_at IS NOT NULL AND (gateway_state = 'unknown' \
                        OR (gateway_state = 'charging' AND claimed_until < now()))) AS unknown, \
-                (SELECT count(*) FROM payments WHERE status = 'pending' \
+                (SELECT count(*) FROM payments WHERE processed_at IS NULL \
                  AND created_at < now() - $1 * interval '1 millisecond') AS stuck, \
-                (SELECT id FROM payments WHERE status = 'pending' \
+                (SELECT id FROM payments WHERE processed_at IS NULL \
                  AND created_at < now() - $1 * interval '1 millisecond' \
                  ORDER BY created_at LIMIT 1) AS oldest_stuck",
     )

@@ -1,1 +1,0 @@
-DROP INDEX CONCURRENTLY IF EXISTS payments_pending_created_idx;

@@ -1,27 +1,17 @@
 //! The `async-pay` binary: one subcommand per role.
 
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
-use async_pay::config::Settings;
-use async_pay::roles;
+use async_pay::{config::Settings, roles};
 use clap::{Parser, Subcommand};
 
+/// Asynchronous payment processing service
 #[derive(Debug, Parser)]
-#[command(
-    name = "async-pay",
-    version,
-    about = "Asynchronous payment processing service"
-)]
+#[command(name = "async-pay", version)]
 struct Cli {
     /// Configuration file merged over the built-in defaults (see config.example.toml).
-    #[arg(
-        long,
-        short,
-        global = true,
-        env = "ASYNC_PAY_CONFIG",
-        value_name = "PATH"
-    )]
+    #[arg(long, short, global = true, env = "ASYNC_PAY_CONFIG")]
+    #[arg(value_name = "PATH")]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,

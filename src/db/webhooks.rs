@@ -1,4 +1,9 @@
 //! The `webhook_deliveries` and `webhook_attempts` tables.
+//!
+//! Statements that go to one delivery by id say "still pending" as `finished_at IS NULL`, never
+//! `status = 'pending'` (the same rows, by a constraint): a generic plan could otherwise scan the
+//! partial index of due deliveries, `WHERE status = 'pending'`, instead of the primary key
+//! (migration 000011).
 
 use diesel::prelude::*;
 use diesel::sql_types;
@@ -67,8 +72,6 @@ pub async fn insert(conn: &mut AsyncPgConnection, d: &NewDelivery<'_>) -> QueryR
 /// `lease`, so a sender that dies mid-attempt leaves the delivery due again once the lease has
 /// passed (a live sender renews it with [`renew_claims`] while the attempt runs). Several senders
 /// share the work (SKIP LOCKED); candidates not chosen are only locked for the statement.
-/// `finished_at IS NULL` is the due index's predicate (migration 000011 says why it is not
-/// `status = 'pending'`).
 pub async fn claim_due(
     conn: &mut AsyncPgConnection,
     limit: i64,
@@ -81,7 +84,7 @@ pub async fn claim_due(
         "WITH busy AS (SELECT * FROM unnest($4::text[], $5::int[]) AS b(host, n)), \
          candidates AS ( \
              SELECT id, host, next_attempt_at FROM webhook_deliveries \
-             WHERE status = 'pending' AND finished_at IS NULL AND next_attempt_at <= now() \
+             WHERE status = 'pending' AND next_attempt_at <= now() \
                AND host NOT IN (SELECT host FROM busy WHERE n >= $3) \
              ORDER BY next_attempt_at LIMIT $1 * 4 FOR UPDATE SKIP LOCKED), \
          chosen AS ( \
@@ -133,7 +136,7 @@ pub async fn renew_claims(
          SET next_attempt_at = now() + $4 * interval '1 millisecond' \
          FROM unnest($1::uuid[], $2::int[], $3::timestamptz[]) AS c(id, attempts, lease_end) \
          WHERE d.id = c.id AND d.attempts = c.attempts AND d.next_attempt_at = c.lease_end \
-           AND d.status = 'pending' \
+           AND d.finished_at IS NULL \
          RETURNING d.id, d.next_attempt_at",
     )
     .bind::<sql_types::Array<sql_types::Uuid>, _>(ids)
@@ -192,7 +195,7 @@ pub async fn make_due_now(conn: &mut AsyncPgConnection, id: Uuid) -> QueryResult
              WHEN d.attempts > 0 AND NOT EXISTS (SELECT 1 FROM webhook_attempts a \
                   WHERE a.delivery_id = d.id AND a.attempt = d.attempts) \
              THEN d.next_attempt_at ELSE now() END \
-         WHERE d.id = $1 AND d.status = 'pending' \
+         WHERE d.id = $1 AND d.finished_at IS NULL \
          RETURNING ",
         delivery_columns!()
     ))
@@ -258,7 +261,7 @@ pub async fn record_attempt(
         // must not reset the lease of the one that took over.
         let target = webhook_deliveries::table
             .filter(d::id.eq(attempt.delivery_id))
-            .filter(d::status.eq("pending"))
+            .filter(d::finished_at.is_null())
             .filter(d::attempts.eq(attempt.attempt));
         let code = d::last_status_code.eq(attempt.status_code);
         match next {

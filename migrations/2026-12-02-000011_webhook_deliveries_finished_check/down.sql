@@ -1,0 +1,1 @@
+ALTER TABLE webhook_deliveries DROP CONSTRAINT IF EXISTS webhook_deliveries_finished_check;

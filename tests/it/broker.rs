@@ -74,34 +74,46 @@ impl TestBroker {
 /// once can lose messages on their way (seen in CI: a dead letter that never arrived).
 pub struct ConfirmedPublisher {
     channel: Channel,
-    tags: Arc<Mutex<Tags>>,
+    state: Arc<Mutex<Confirms>>,
 }
 
-/// Next delivery tag, tags not yet confirmed, tags the broker refused.
-type Tags = (u64, BTreeSet<u64>, Vec<u64>);
+#[derive(Default)]
+struct Confirms {
+    next_tag: u64,
+    unconfirmed: BTreeSet<u64>,
+    /// Nacks, returns (published `mandatory`: a message no queue took comes back) and a closed
+    /// channel: each fails `confirmed`.
+    problems: Vec<String>,
+}
 
-struct Confirms(Arc<Mutex<Tags>>);
+struct Callback(Arc<Mutex<Confirms>>);
 
-impl Confirms {
+impl Callback {
     fn settle(&self, tag: u64, multiple: bool, acked: bool) {
-        let mut t = self.0.lock().unwrap();
+        let mut c = self.0.lock().unwrap();
         let settled: Vec<u64> = if multiple {
-            t.1.range(..=tag).copied().collect()
+            c.unconfirmed.range(..=tag).copied().collect()
         } else {
             vec![tag]
         };
         for tag in settled {
-            t.1.remove(&tag);
+            c.unconfirmed.remove(&tag);
             if !acked {
-                t.2.push(tag);
+                c.problems.push(format!("publish {tag} nacked"));
             }
         }
     }
 }
 
 #[async_trait::async_trait]
-impl ChannelCallback for Confirms {
-    async fn close(&mut self, _: &Channel, _: CloseChannel) -> Result<(), amqprs::error::Error> {
+impl ChannelCallback for Callback {
+    async fn close(
+        &mut self,
+        _: &Channel,
+        close: CloseChannel,
+    ) -> Result<(), amqprs::error::Error> {
+        let problem = format!("the broker closed the channel: {close}");
+        self.0.lock().unwrap().problems.push(problem);
         Ok(())
     }
     async fn cancel(&mut self, _: &Channel, _: Cancel) -> Result<(), amqprs::error::Error> {
@@ -116,22 +128,28 @@ impl ChannelCallback for Confirms {
     async fn publish_nack(&mut self, _: &Channel, nack: Nack) {
         self.settle(nack.delivery_tag(), nack.multiple(), false);
     }
-    async fn publish_return(&mut self, _: &Channel, _: Return, _: BasicProperties, _: Vec<u8>) {}
+    async fn publish_return(&mut self, _: &Channel, ret: Return, _: BasicProperties, _: Vec<u8>) {
+        let problem = format!("a message came back unrouted: {ret}");
+        self.0.lock().unwrap().problems.push(problem);
+    }
 }
 
 impl ConfirmedPublisher {
     pub async fn open(conn: &Connection) -> ConfirmedPublisher {
         let channel = conn.open_channel(None).await.unwrap();
-        let tags = Arc::new(Mutex::new((1, BTreeSet::new(), Vec::new())));
+        let state = Arc::new(Mutex::new(Confirms {
+            next_tag: 1,
+            ..Confirms::default()
+        }));
         channel
-            .register_callback(Confirms(tags.clone()))
+            .register_callback(Callback(state.clone()))
             .await
             .unwrap();
         channel
             .confirm_select(ConfirmSelectArguments::new(false))
             .await
             .unwrap();
-        ConfirmedPublisher { channel, tags }
+        ConfirmedPublisher { channel, state }
     }
 
     pub async fn publish(
@@ -142,36 +160,38 @@ impl ConfirmedPublisher {
         body: Vec<u8>,
     ) {
         {
-            let mut t = self.tags.lock().unwrap();
-            let tag = t.0;
-            t.0 += 1;
-            t.1.insert(tag);
+            let mut c = self.state.lock().unwrap();
+            let tag = c.next_tag;
+            c.next_tag += 1;
+            c.unconfirmed.insert(tag);
         }
         self.channel
             .basic_publish(
                 props,
                 body,
-                BasicPublishArguments::new(exchange, routing_key),
+                BasicPublishArguments::new(exchange, routing_key)
+                    .mandatory(true)
+                    .finish(),
             )
             .await
             .unwrap();
     }
 
-    /// Returns once the broker has confirmed every publish so far; panics on a nack or after
-    /// 10 s.
+    /// Returns once the broker has confirmed every publish so far (each taken by a queue);
+    /// panics on a nack, a returned message, a closed channel, or after 10 s.
     pub async fn confirmed(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             {
-                let t = self.tags.lock().unwrap();
-                assert!(t.2.is_empty(), "the broker refused publishes {:?}", t.2);
-                if t.1.is_empty() {
+                let c = self.state.lock().unwrap();
+                assert!(c.problems.is_empty(), "{:?}", c.problems);
+                if c.unconfirmed.is_empty() {
                     return;
                 }
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "no confirm in 10 s for publishes {:?}",
-                    t.1
+                    c.unconfirmed
                 );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;

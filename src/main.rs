@@ -1,9 +1,8 @@
 //! The `async-pay` binary: one subcommand per role.
 
-use std::{path::PathBuf, process::ExitCode};
-
 use async_pay::{config::Settings, roles};
 use clap::{Parser, Subcommand};
+use std::{path::PathBuf, process::ExitCode};
 
 /// Asynchronous payment processing service
 #[derive(Debug, Parser)]

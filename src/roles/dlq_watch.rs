@@ -21,7 +21,8 @@ use crate::domain::events::PaymentEvent;
 use crate::logging;
 use crate::shutdown::{MAX_BACKOFF, Reconnect, Shutdown, backoff};
 
-/// Dead letters recorded concurrently; they are rare, this only bounds a burst.
+/// Dead letters the broker hands over ahead of the one being recorded (they are recorded one at
+/// a time, in order); they are rare, this only bounds a burst.
 const PREFETCH: u16 = 32;
 
 /// What the `x-death` header says about a dead letter.
@@ -55,30 +56,18 @@ pub fn death_of(props: Option<&BasicProperties>) -> Death {
     }
 }
 
-/// What became of one dead letter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recorded {
-    /// Written to `dead_letters` (text the database cannot hold escaped, see
-    /// [`dead_letters::storable`]).
-    New,
-    /// Already there: a redelivery after a crash between insert and ack.
-    Duplicate,
-    /// The database refused the row for a reason that is not an outage: a row with its body,
-    /// payment id and the database's reason was written instead, under a derived message id.
-    Parked,
-}
-
 /// Reason written for a parked dead letter, next to the original reason in its headers.
 const PARKED_REASON: &str = "unrecordable";
 
 /// Records one dead letter. Waits out database outages; any other refusal parks it, so one
-/// message can never hold up the ones behind it.
+/// message can never hold up the ones behind it. A row written already (a redelivery after a
+/// crash between insert and ack) is left as it is.
 pub async fn record(
     pool: &Pool,
     props: Option<&BasicProperties>,
     body: &[u8],
     shutdown: &Shutdown,
-) -> anyhow::Result<Recorded> {
+) -> anyhow::Result<()> {
     let death = death_of(props);
     let headers = dead_letters::storable_json(
         props
@@ -106,42 +95,42 @@ pub async fn record(
         body,
         headers: &headers,
     };
-    let refused = match insert(pool, &row, shutdown).await? {
-        Ok(new) => {
-            if !new {
-                return Ok(Recorded::Duplicate);
-            }
-            crate::metrics::dead_letter(&reason);
-            log::warn!(
-                "dead letter {message_id}: payment {payment}, reason {reason}, count {}, from {}",
-                death.count,
-                queue.as_deref().unwrap_or("?")
-            );
-            return Ok(Recorded::New);
-        }
-        Err(refused) => refused,
-    };
-
-    // Parked: only values no rule of the table can refuse (ASCII text, the body as bytes), under
-    // an id derived from the original one, so a redelivery of the same message is a duplicate.
-    let why = format!("{refused:#}").escape_default().to_string();
-    let parked_id = format!("{PARKED_REASON}:sha256:{:x}", Sha256::digest(&raw_id));
-    let parked_headers = serde_json::json!({
-        PARKED_REASON: why,
-        "message_id": raw_id.escape_default().to_string(),
-        "reason": death.reason.escape_default().to_string(),
-    });
-    let parked = NewDeadLetter {
-        message_id: &parked_id,
-        payment_id,
-        reason: PARKED_REASON,
-        death_count: death.count,
-        original_queue: None,
-        body,
-        headers: &parked_headers,
-    };
     let mut attempt = 0;
     loop {
+        let refused = match insert(pool, &row, shutdown).await? {
+            Ok(new) => {
+                if new {
+                    crate::metrics::dead_letter(&reason);
+                    log::warn!(
+                        "dead letter {message_id}: payment {payment}, reason {reason}, count {}, \
+                         from {}",
+                        death.count,
+                        queue.as_deref().unwrap_or("?")
+                    );
+                }
+                return Ok(());
+            }
+            Err(refused) => refused,
+        };
+        // Parked: only values no rule of the table can refuse (ASCII text, the body as bytes),
+        // under an id derived from the original one, so a redelivery of the same message is a
+        // duplicate.
+        let why = format!("{refused:#}").escape_default().to_string();
+        let parked_id = format!("{PARKED_REASON}:sha256:{:x}", Sha256::digest(&raw_id));
+        let parked_headers = serde_json::json!({
+            PARKED_REASON: why,
+            "message_id": raw_id.escape_default().to_string(),
+            "reason": death.reason.escape_default().to_string(),
+        });
+        let parked = NewDeadLetter {
+            message_id: &parked_id,
+            payment_id,
+            reason: PARKED_REASON,
+            death_count: death.count,
+            original_queue: None,
+            body,
+            headers: &parked_headers,
+        };
         match insert(pool, &parked, shutdown).await? {
             Ok(new) => {
                 if new {
@@ -151,15 +140,17 @@ pub async fn record(
                          {parked_id} with its body, payment {payment}"
                     );
                 }
-                return Ok(Recorded::Parked);
+                return Ok(());
             }
-            // Even a row of plain values is refused: the table itself is broken, and so would
-            // every other dead letter be. Keep this one unacked and try again.
+            // Even a row of plain values is refused: the database refuses every write (a
+            // read-only primary, a broken table), not this message. Keep it unacked and try
+            // the real row again, so it is not parked for what was the database's fault.
             Err(e) => {
                 let wait = backoff(attempt, MAX_BACKOFF);
                 attempt += 1;
                 log::error!(
-                    "dead letter {message_id}: cannot park it either ({e:#}); retrying in {wait:?}"
+                    "dead letter {message_id}: cannot record it ({why}) nor park it ({e:#}); \
+                     retrying in {wait:?}"
                 );
                 if shutdown.sleep(wait).await {
                     anyhow::bail!("shutting down before dead letter {message_id} was recorded");

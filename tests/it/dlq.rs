@@ -521,3 +521,44 @@ async fn a_poison_dead_letter_does_not_stop_dlq_watch_recording() {
     // Every one was acked: nothing comes back once the watcher's channel is closed.
     assert_eq!(broker.depth(&s.amqp.dead_letter_queue).await, 0);
 }
+
+/// A database that refuses every write for a while (a read-only primary after a failover, a
+/// broken table) is the database's fault, not the message's: the dead letter waits unacked and
+/// is recorded as itself once writes work again, never parked as "unrecordable".
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_refusing_every_write_delays_a_dead_letter_but_does_not_park_it() {
+    let db = TestDb::new().await;
+    let (s, broker) = fast(&db);
+    db.exec("ALTER TABLE dead_letters ADD CONSTRAINT refuses_all CHECK (false) NOT VALID")
+        .unwrap();
+    let payment = uuid::Uuid::new_v4();
+    crate::backstop::dead_letter(
+        &broker,
+        &[(
+            "refused-for-a-while",
+            json!({"payment_id": payment}).to_string().into_bytes(),
+        )],
+    )
+    .await;
+    let mut roles = Roles::new();
+    roles.dlq_watch(&s);
+    // Long enough for the first tries (and their backoff) to be refused.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(db.count("SELECT count(*) AS n FROM dead_letters"), 0);
+    db.exec("ALTER TABLE dead_letters DROP CONSTRAINT refuses_all")
+        .unwrap();
+    eventually(Duration::from_secs(20), "the dead letter", || async {
+        (db.count("SELECT count(*) AS n FROM dead_letters") > 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        db.count(&format!(
+            "SELECT count(*) AS n FROM dead_letters WHERE message_id = 'refused-for-a-while' \
+             AND payment_id = '{payment}' AND reason <> 'unrecordable'"
+        )),
+        1,
+        "recorded as itself"
+    );
+    assert_eq!(db.count("SELECT count(*) AS n FROM dead_letters"), 1);
+    roles.stop().await;
+}

@@ -22,8 +22,6 @@ mod call;
 pub mod pause;
 pub mod reconcile;
 
-pub use call::recheck_delay;
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -111,6 +109,8 @@ pub struct Processor {
     lease: Duration,
     recheck_min: Duration,
     recheck_max: Duration,
+    /// Deadline of one unit of database work: a stalled server is an outage, not a hang.
+    db_deadline: Duration,
     /// Gateway calls in flight, each in its own task.
     calls: TaskTracker,
     pause: Arc<Pause>,
@@ -134,6 +134,7 @@ impl Processor {
             lease: lease_for(g),
             recheck_min: g.recheck_min,
             recheck_max: g.recheck_max,
+            db_deadline: settings.database.acquire_timeout + settings.database.query_timeout,
             calls: TaskTracker::new(),
             pause: Arc::new(Pause::default()),
             webhook_wake: Arc::new(Notify::new()),
@@ -143,10 +144,6 @@ impl Processor {
 
     pub fn webhook_wake(&self) -> Arc<Notify> {
         self.webhook_wake.clone()
-    }
-
-    pub fn pool(&self) -> &Pool {
-        &self.pool
     }
 
     /// Waits until every gateway call in flight has ended and its outcome is recorded (each is
@@ -254,7 +251,11 @@ impl Processor {
     }
 
     /// Runs `work` (which takes its own pooled connection), waiting out database outages with
-    /// backoff: an outage is not the payment's fault. With `patience`, it keeps trying that long
+    /// backoff: an outage is not the payment's fault. Each try has the deadline of
+    /// `database.acquire_timeout` + `database.query_timeout`: a server that stops answering is
+    /// an outage too, never a hang of the consumer or of its shutdown. (A statement that
+    /// committed just before its deadline is harmless to try again: every statement here is
+    /// guarded by the claim token or the status, and a lost finalise is read back.) With `patience`, it keeps trying that long
     /// even while stopping (an answer from the provider is worth writing down); without, it
     /// gives up when shutdown comes. Other errors are returned.
     async fn db<T, F, Fut>(
@@ -271,7 +272,7 @@ impl Processor {
         let started = std::time::Instant::now();
         let mut attempt = 0;
         loop {
-            match work().await {
+            match db::with_timeout(self.db_deadline, work()).await {
                 Ok(v) => return Ok(v),
                 Err(DbError::Unavailable(why)) => {
                     let wait = backoff(attempt, MAX_BACKOFF);

@@ -86,10 +86,11 @@ impl Processor {
                 return Ok(());
             }
             let token = Uuid::new_v4();
-            let claimed = {
+            let claimed = db::with_timeout(self.db_deadline, async {
                 let mut c = db::conn(&self.pool).await?;
-                payments_db::claim_due_checks(&mut c, token, self.lease, BATCH).await?
-            };
+                Ok(payments_db::claim_due_checks(&mut c, token, self.lease, BATCH).await?)
+            })
+            .await?;
             let n = claimed.len();
             summary.checked += n;
             let mut calls = JoinSet::new();
@@ -150,8 +151,11 @@ impl Processor {
 
     /// The gauges of payments awaiting the provider and of payments stuck pending.
     pub async fn pending_health(&self, stuck_after: Duration) -> Result<PendingHealth, DbError> {
-        let mut c = db::conn(&self.pool).await?;
-        let h = payments_db::pending_health(&mut c, stuck_after).await?;
+        let h = db::with_timeout(self.db_deadline, async {
+            let mut c = db::conn(&self.pool).await?;
+            Ok(payments_db::pending_health(&mut c, stuck_after).await?)
+        })
+        .await?;
         crate::metrics::pending_health(h.unknown, h.stuck);
         Ok(h)
     }

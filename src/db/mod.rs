@@ -165,6 +165,11 @@ pub async fn conn(pool: &Pool) -> Result<PooledConn, DbError> {
     Ok(pool.get().await?)
 }
 
+/// A duration as whole milliseconds for a `bigint` bind (`$n * interval '1 millisecond'`).
+pub fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// Runs one unit of database work with a deadline, so a stalled server cannot hang the caller.
 pub async fn with_timeout<T, F>(limit: Duration, work: F) -> Result<T, DbError>
 where

@@ -101,7 +101,7 @@ pub async fn claim_due(
         delivery_columns!()
     ))
     .bind::<sql_types::BigInt, _>(limit)
-    .bind::<sql_types::BigInt, _>(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
+    .bind::<sql_types::BigInt, _>(super::millis(lease))
     .bind::<sql_types::Integer, _>(room)
     .bind::<sql_types::Array<sql_types::Text>, _>(hosts)
     .bind::<sql_types::Array<sql_types::Integer>, _>(in_flight)
@@ -142,7 +142,7 @@ pub async fn renew_claims(
     .bind::<sql_types::Array<sql_types::Uuid>, _>(ids)
     .bind::<sql_types::Array<sql_types::Integer>, _>(attempts)
     .bind::<sql_types::Array<sql_types::Timestamptz>, _>(lease_ends)
-    .bind::<sql_types::BigInt, _>(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX))
+    .bind::<sql_types::BigInt, _>(super::millis(lease))
     .load(conn)
     .await
 }
@@ -295,16 +295,4 @@ pub async fn record_attempt(
         Ok(())
     })
     .await
-}
-
-pub async fn for_payment(
-    conn: &mut AsyncPgConnection,
-    payment_id: Uuid,
-) -> QueryResult<Vec<Delivery>> {
-    webhook_deliveries::table
-        .filter(webhook_deliveries::payment_id.eq(payment_id))
-        .order(webhook_deliveries::created_at)
-        .select(Delivery::as_select())
-        .load(conn)
-        .await
 }

@@ -7,7 +7,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use uuid::Uuid;
 
 use super::Payment;
-use crate::db::prepared;
+use crate::db::{millis, prepared};
 
 /// A payment claimed for a gateway call, with what an earlier call left behind.
 #[derive(Debug, Clone, QueryableByName)]
@@ -88,10 +88,6 @@ pub async fn claim_due_checks(
     .await
 }
 
-fn millis(d: std::time::Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
 /// Extends this holder's claim by `lease` from now (and the check that follows it), before
 /// another gateway call. `false` if the claim is no longer ours: do not call.
 pub async fn renew_claim(
@@ -163,7 +159,8 @@ pub async fn pending_health(
     prepared::sql_query(
         "SELECT (SELECT count(*) FROM payments \
                  WHERE next_check_at IS NOT NULL AND (gateway_state = 'unknown' \
-                       OR (gateway_state = 'charging' AND claimed_until < now()))) AS unknown, \
+                       OR (gateway_state = 'charging' \
+                           AND coalesce(claimed_until, '-infinity') < now()))) AS unknown, \
                 (SELECT count(*) FROM payments WHERE processed_at IS NULL \
                  AND created_at < now() - $1 * interval '1 millisecond') AS stuck, \
                 (SELECT id FROM payments WHERE processed_at IS NULL \

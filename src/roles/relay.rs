@@ -68,54 +68,65 @@ pub struct Drained {
 }
 
 /// Publishes one batch: locks up to `batch` unpublished rows, publishes them, waits for the
-/// confirms and marks the confirmed ones published, all in one transaction.
+/// confirms and marks the confirmed ones published, all in one transaction; then logs a line per
+/// event (after the commit, so nothing is logged as done that the database did not keep, and no
+/// log write holds the rows' locks).
 pub async fn drain_once(
     conn: &mut AsyncPgConnection,
     publisher: &Publisher,
     batch: u32,
 ) -> anyhow::Result<Drained> {
-    conn.transaction::<_, anyhow::Error, _>(async |c| {
-        let rows = outbox::claim_unpublished(c, i64::from(batch)).await?;
-        if rows.is_empty() {
-            return Ok(Drained::default());
-        }
-        let messages: Vec<Outgoing> = rows
-            .iter()
-            .map(|r| Outgoing {
-                message_id: r.id.to_string(),
-                message_type: r.event_type.clone(),
-                body: serde_json::to_vec(&r.payload).unwrap_or_default(),
-                headers: correlation::headers(&Correlation {
-                    request_id: r.request_id.clone(),
-                    traceparent: r.traceparent.clone(),
-                }),
-            })
-            .collect();
-        let sent_at = std::time::Instant::now();
-        let verdicts = publisher
-            .publish_batch(&messages)
-            .await
-            .inspect_err(|_| crate::metrics::relay_batch(0, rows.len(), sent_at.elapsed()))?;
-        let confirmed: Vec<i64> = rows
-            .iter()
-            .zip(&verdicts)
-            .filter(|(_, v)| **v == Confirm::Acked)
-            .map(|(r, _)| r.id)
-            .collect();
-        if !confirmed.is_empty() {
-            outbox::mark_published(c, &confirmed).await?;
-        }
-        let missing = rows.len() - confirmed.len();
-        crate::metrics::relay_batch(confirmed.len(), missing, sent_at.elapsed());
-        if missing > 0 {
-            log::warn!("{missing} of {} outbox events were not confirmed by RabbitMQ; they stay unpublished", rows.len());
-        }
-        for (r, v) in rows.iter().zip(&verdicts) {
-            log_event(r, *v);
-        }
-        Ok(Drained { claimed: rows.len(), published: confirmed.len() })
+    let (rows, verdicts) = conn
+        .transaction::<_, anyhow::Error, _>(async |c| {
+            let rows = outbox::claim_unpublished(c, i64::from(batch)).await?;
+            if rows.is_empty() {
+                return Ok((rows, Vec::new()));
+            }
+            let messages: Vec<Outgoing> = rows
+                .iter()
+                .map(|r| Outgoing {
+                    message_id: r.id.to_string(),
+                    message_type: r.event_type.clone(),
+                    body: serde_json::to_vec(&r.payload).unwrap_or_default(),
+                    headers: correlation::headers(&Correlation {
+                        request_id: r.request_id.clone(),
+                        traceparent: r.traceparent.clone(),
+                    }),
+                })
+                .collect();
+            let sent_at = std::time::Instant::now();
+            let verdicts = publisher
+                .publish_batch(&messages)
+                .await
+                .inspect_err(|_| crate::metrics::relay_batch(0, rows.len(), sent_at.elapsed()))?;
+            let confirmed: Vec<i64> = rows
+                .iter()
+                .zip(&verdicts)
+                .filter(|(_, v)| **v == Confirm::Acked)
+                .map(|(r, _)| r.id)
+                .collect();
+            if !confirmed.is_empty() {
+                outbox::mark_published(c, &confirmed).await?;
+            }
+            let missing = rows.len() - confirmed.len();
+            crate::metrics::relay_batch(confirmed.len(), missing, sent_at.elapsed());
+            if missing > 0 {
+                log::warn!(
+                    "{missing} of {} outbox events were not confirmed by RabbitMQ; they stay \
+                 unpublished",
+                    rows.len()
+                );
+            }
+            Ok((rows, verdicts))
+        })
+        .await?;
+    for (r, v) in rows.iter().zip(&verdicts) {
+        log_event(r, *v);
+    }
+    Ok(Drained {
+        claimed: rows.len(),
+        published: verdicts.iter().filter(|v| **v == Confirm::Acked).count(),
     })
-    .await
 }
 
 /// One line per event, under the request id of the POST that wrote it: what the broker said.

@@ -187,13 +187,9 @@ pub fn route_table() -> Vec<(&'static str, Method, Route)> {
     ]
 }
 
-/// Registers [`route_table`]. Unknown paths and wrong methods answer the JSON error shape too.
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    routes_with(cfg, true)
-}
-
-/// [`routes`], with or without `GET /metrics` (off the API port when it has its own address).
-pub fn routes_with(cfg: &mut web::ServiceConfig, metrics: bool) {
+/// Registers [`route_table`], with or without `GET /metrics` (off the API port when it has its
+/// own address). Unknown paths and wrong methods answer the JSON error shape too.
+pub fn routes(cfg: &mut web::ServiceConfig, metrics: bool) {
     let mut resources: Vec<(&'static str, actix_web::Resource, Vec<Method>)> = Vec::new();
     for (path, method, route) in route_table() {
         if path == METRICS_PATH && !metrics {

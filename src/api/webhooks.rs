@@ -156,14 +156,12 @@ pub async fn resend(
                 return Ok(Ok((d.id, d.message_id)));
             }
             let message_id = latest.as_ref().map(|d| d.message_id.as_str());
-            let Some(delivery_id) = webhook::schedule(c, &p, message_id).await? else {
+            let Some(written) = webhook::schedule(c, &p, message_id).await? else {
                 return Err(DbError::Other(anyhow::anyhow!(
                     "payment {id} has a webhook_url but no delivery was written"
                 )));
             };
-            let written = webhooks_db::latest_for_payment(c, id).await?;
-            let webhook_id = written.map(|d| d.message_id).unwrap_or_default();
-            Ok(Ok((delivery_id, webhook_id)))
+            Ok(Ok(written))
         })
         .await
     })

@@ -128,7 +128,7 @@ pub fn start_on(settings: &Settings, listener: TcpListener) -> anyhow::Result<St
             .wrap(Logger::new(r#"%a "%r" %s %b %Dms req=%{x-request-id}o"#))
             // Outermost: counts every request, labelled with its matched route pattern.
             .wrap(from_fn(api::metrics::track_http))
-            .configure(|cfg| api::routes_with(cfg, metrics_on_api_port))
+            .configure(|cfg| api::routes(cfg, metrics_on_api_port))
     })
     .shutdown_timeout(settings.server.shutdown_timeout.as_secs().max(1))
     .workers(workers)

@@ -8,5 +8,5 @@ pub mod sender;
 mod slots;
 
 pub use policy::jitter;
-pub use schedule::{host_of, payload, schedule};
+pub use schedule::schedule;
 pub use sender::Sender;

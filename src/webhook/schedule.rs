@@ -39,24 +39,24 @@ pub fn host_of(url: &str) -> String {
 /// Writes a delivery of the payment's final status to its webhook_url, due now. Call in the
 /// transaction that finalises the payment (so the webhook cannot be lost) or for a resend, which
 /// passes the `message_id` of the original so merchants can deduplicate. Returns the delivery
-/// id, or `None` for a payment without webhook_url.
+/// id and its message id, or `None` for a payment without webhook_url.
 pub async fn schedule(
     conn: &mut diesel_async::AsyncPgConnection,
     p: &Payment,
     message_id: Option<&str>,
-) -> diesel::QueryResult<Option<uuid::Uuid>> {
+) -> diesel::QueryResult<Option<(uuid::Uuid, String)>> {
     let Some(url) = &p.webhook_url else {
         return Ok(None);
     };
     let id = uuid::Uuid::now_v7();
-    let fresh = format!("msg_{}", id.simple());
+    let message_id = message_id.map_or_else(|| format!("msg_{}", id.simple()), str::to_string);
     let status = p.status;
     let payload = payload(p);
     webhooks_db::insert(
         conn,
         &webhooks_db::NewDelivery {
             id,
-            message_id: message_id.unwrap_or(&fresh),
+            message_id: &message_id,
             payment_id: p.id,
             merchant: &p.merchant,
             event_type: webhook_event_type(status),
@@ -69,5 +69,5 @@ pub async fn schedule(
         },
     )
     .await?;
-    Ok(Some(id))
+    Ok(Some((id, message_id)))
 }

@@ -11,13 +11,18 @@ use crate::shutdown::{MAX_BACKOFF, Shutdown, backoff};
 
 #[derive(Debug, Default)]
 struct State {
-    paused: bool,
-    /// When the next probe may go.
+    /// While paused: when the next probe may go.
     until: Option<Instant>,
     /// A probe call is running; the others wait for its answer.
     probing: bool,
     /// Refusals in a row (the backoff grows with them).
     strikes: u32,
+}
+
+impl State {
+    fn paused(&self) -> bool {
+        self.until.is_some()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -48,7 +53,7 @@ impl Pause {
     }
 
     pub fn is_paused(&self) -> bool {
-        self.lock().paused
+        self.lock().paused()
     }
 
     /// Waits until a call may go; `None` if shutdown came first.
@@ -59,7 +64,7 @@ impl Pause {
             let changed = self.changed.notified();
             let wait = {
                 let mut s = self.lock();
-                if !s.paused {
+                if !s.paused() {
                     return Some(Permit {
                         pause: self.clone(),
                         probe: false,
@@ -93,7 +98,7 @@ impl Pause {
         match refused {
             // The first refusal, or a failed probe: pause (again), longer each time. Calls that
             // were already under way when the pause began change nothing.
-            Some(reason) if !s.paused || probe => {
+            Some(reason) if !s.paused() || probe => {
                 let wait = backoff(s.strikes, MAX_BACKOFF);
                 s.strikes = s.strikes.saturating_add(1);
                 log::error!(
@@ -101,21 +106,20 @@ impl Pause {
                      because of it: gateway calls are paused, next try in {wait:?} (check \
                      gateway.url and gateway.api_key)"
                 );
-                s.paused = true;
                 s.until = Some(Instant::now() + wait);
             }
             // A refusal of a call that was under way when the pause began.
             Some(_) => {}
             // Only a probe's answer ends a pause: an answer to a call sent before it says
             // nothing about our configuration now.
-            None if s.paused && probe => {
+            None if s.paused() && probe => {
                 log::info!("payment gateway accepts our configuration again: calls resume");
                 *s = State::default();
             }
             None => {}
         }
         s.probing = false;
-        crate::metrics::gateway_paused(s.paused);
+        crate::metrics::gateway_paused(s.paused());
         drop(s);
         self.changed.notify_waiters();
     }

@@ -94,7 +94,7 @@ pub async fn check_target(
 /// A resolver for the webhook HTTP client that refuses ports outside `webhook.allowed_ports`
 /// and drops forbidden addresses, so the client can only connect to public ones; if nothing is
 /// left, the attempt fails with a clear error.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GuardedResolver {
     inner: DefaultResolver,
     allowed_ports: Vec<u16>,

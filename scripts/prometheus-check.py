@@ -54,12 +54,6 @@ ROLES = ("serve", "relay", "consume", "dlq-watch")
 API_KEY = "secret-api-key"  # the built-in demo merchant
 PAYMENTS = 6
 
-# Metrics of issue 10 (the gateway boundary) that the dashboard and the rules use but README's
-# Metrics table does not list yet: they may be named, and their series are only reported. Once
-# documented a metric is checked like every other one (then delete it here).
-PENDING_METRICS: set[str] = set()
-# Subcommands a runbook may name before the binary has them.
-PENDING_COMMANDS: set[str] = set()
 
 # What the short run must have left in Prometheus, beyond "a series exists": the counts of the
 # pipeline itself (every role exports every metric, most at 0, so a series alone proves little).
@@ -210,7 +204,7 @@ def referenced_metrics(expr, documented):
     names = set()
     for name in re.findall(r"\basync_pay_[a-z0-9_]+", expr):
         base = re.sub(r"_(bucket|count|sum)$", "", name)
-        names.add(base if base != name and (base in documented or base in PENDING_METRICS) else name)
+        names.add(base if base != name and base in documented else name)
     return names
 
 
@@ -241,10 +235,6 @@ def check_alert_rules(bin_path):
     for cmd in sorted(commands):
         # Placeholders (`dlq replay ID`) are the reader's to fill in.
         words = [w for w in cmd.split() if not w.isupper()]
-        if words[0] in PENDING_COMMANDS and subprocess.run(
-                [bin_path, words[0], "--help"], capture_output=True).returncode != 0:
-            log(f"note: a runbook names `async-pay {cmd}`, not in this binary yet (issue 10)")
-            continue
         r = subprocess.run([bin_path, *words, "--help"], capture_output=True, text=True)
         if r.returncode != 0:
             problems.append(f"a runbook names `async-pay {cmd}`, which the binary refuses: "
@@ -303,15 +293,12 @@ def check_compose_mounts():
 
 
 def check_metric_references(documented):
-    """Every metric a rule or a panel names is in README's table (or pending, issue 10)."""
+    """Every metric a rule or a panel names is in README's table."""
     problems = []
     for where, expr in [(f"rule {r.get('alert')}", r["expr"]) for r in alert_rules()] + \
                        [(f"panel {t!r}", e) for t, e in dashboard_targets()]:
-        for name in referenced_metrics(expr, documented) - set(documented) - PENDING_METRICS:
+        for name in referenced_metrics(expr, documented) - set(documented):
             problems.append(f"{where} uses {name}, which README's Metrics table does not list")
-    if PENDING_METRICS & set(documented):
-        log(f"note: now documented, so checked in full; remove from PENDING_METRICS: "
-            f"{sorted(PENDING_METRICS & set(documented))}")
     return problems
 
 
@@ -600,12 +587,6 @@ def check_series(r, prom, documented):
                all_there, 20)
     log(f"all {len(documented)} metrics of README's table have series; "
         + "; ".join(what for _, what in PIPELINE_FACTS) + ": counted")
-    pending = sorted(PENDING_METRICS - set(documented))
-    if pending:
-        have = {n for n in pending if prom.query(
-            f'count({{__name__=~"{n}|{n}_bucket"}})')}
-        log("not in README's table yet: " + ", ".join(
-            f"{n} ({'has series' if n in have else 'NO SERIES'})" for n in pending))
 
 
 def check_expressions(prom):

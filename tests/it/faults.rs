@@ -246,11 +246,7 @@ async fn sigterm_under_load_exits_in_time_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn webhook_endpoint_down_for_the_first_part_of_the_schedule() {
     // The receiver's port, closed for now: attempts fail with "connection refused".
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut s = Stack::new(&[]).await;
     s.receiver = Receiver::start_on("127.0.0.1:0").await; // replaced below
     let url = format!("http://127.0.0.1:{port}/hook");

@@ -172,7 +172,7 @@ async fn a_charge_answered_after_the_timeout_is_reconciled_not_charged_again() {
     s.wait_healthy().await;
     let (accepted, _) = tokio::task::block_in_place(|| s.pay_many("slow", 20, 2));
     assert_provider_agrees(&s, &psp, &accepted, Duration::from_secs(40)).await;
-    let asked = psp.requests().iter().filter(|r| r.0 == "GET").count();
+    let asked = psp.status_requests();
     assert!(
         asked >= 20,
         "each unknown outcome was asked about: {asked} status calls"
@@ -220,7 +220,7 @@ async fn processing_answers_are_asked_about_until_final() {
         Duration::from_secs(30),
         "each payment asked about twice",
         || async {
-            let asked = psp.requests().iter().filter(|r| r.0 == "GET").count();
+            let asked = psp.status_requests();
             (asked >= 20).then_some(())
         },
     )
@@ -293,7 +293,7 @@ async fn consume_killed_with_200_payments_at_the_provider() {
     s.start("consume");
     assert_provider_agrees(&s, &psp, &accepted, Duration::from_secs(90)).await;
     // The new consumer asked before charging what the killed one had sent.
-    let statuses = psp.requests().iter().filter(|r| r.0 == "GET").count();
+    let statuses = psp.status_requests();
     assert!(
         statuses >= 150,
         "{statuses} status calls for {charged_before_kill} charges cut by the kill"
@@ -328,7 +328,7 @@ async fn the_consumers_broker_connection_cut_3_times_with_calls_in_flight() {
     assert_provider_agrees(&s, &psp, &accepted, Duration::from_secs(90)).await;
     // Every answer awaited when a connection dropped was still recorded: no payment was left
     // `charging`, so none had to be asked about again.
-    let asked = psp.requests().iter().filter(|r| r.0 == "GET").count();
+    let asked = psp.status_requests();
     assert_eq!(asked, 0, "status calls after the cuts");
     let logs = s.all_logs();
     assert!(
@@ -435,11 +435,7 @@ async fn reconcile_finalises_a_payment_whose_message_was_dead_lettered_after_the
 async fn a_provider_refusing_our_key_pauses_processing_and_fails_nothing() {
     let psp = Psp::start((Duration::from_millis(10), Duration::from_millis(50)));
     psp.refuse_all(true);
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let metrics_port = free_port();
     let bind = format!("127.0.0.1:{metrics_port}");
     // At debug level: the API key must not appear even there.
     let mut s = stack(&psp.url(), "5s", &[("RUST_LOG", "debug")]).await;

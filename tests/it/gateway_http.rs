@@ -559,11 +559,7 @@ async fn a_server_that_never_answers_is_unknown_after_the_timeout() {
 #[tokio::test(flavor = "multi_thread")]
 async fn connection_refused_is_unknown_never_not_found() {
     // A port nothing listens on.
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let g = gateway(&format!("http://{addr}"));
+    let g = gateway(&format!("http://127.0.0.1:{}", crate::helpers::free_port()));
     let r = charge_request();
     let reason = assert_unknown(&ends(g.charge(&r)).await, "charge, connection refused");
     assert!(reason.contains("refused"), "{reason}");

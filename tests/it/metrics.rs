@@ -9,7 +9,6 @@ use std::time::Duration;
 use async_pay::gateway::simulated::SimulatedGateway;
 use serde_json::json;
 
-use crate::broker::TestBroker;
 use crate::helpers::*;
 use crate::pipeline::{Roles, fast};
 use crate::receiver::Receiver;
@@ -181,7 +180,16 @@ async fn a_role_serves_its_metrics_on_its_own_address() {
         ids.push(r.json["payment_id"].as_str().unwrap().to_string());
     }
     // A message dead-lettered by hand: dlq-watch records it (no x-death header: reason unknown).
-    publish_dead_letter(&broker, &s).await;
+    crate::backstop::dead_letter(
+        &broker,
+        &[(
+            "dead-by-hand",
+            json!({"payment_id": uuid::Uuid::new_v4()})
+                .to_string()
+                .into_bytes(),
+        )],
+    )
+    .await;
     eventually(Duration::from_secs(20), "3 final payments", || async {
         let n = app.db.count(
             "SELECT count(*) AS n FROM payments WHERE status <> 'pending' \
@@ -249,30 +257,6 @@ async fn a_role_serves_its_metrics_on_its_own_address() {
     );
 }
 
-/// Puts a message straight on the dead-letter exchange, as RabbitMQ would after giving up.
-async fn publish_dead_letter(broker: &TestBroker, s: &async_pay::config::Settings) {
-    let conn = broker.connect().await;
-    async_pay::amqp::topology::declare(&conn, &s.amqp)
-        .await
-        .unwrap();
-    let publisher = crate::broker::ConfirmedPublisher::open(&conn).await;
-    let props = amqprs::BasicProperties::default()
-        .with_message_id("dead-by-hand")
-        .finish();
-    publisher
-        .publish(
-            &s.amqp.dead_letter_exchange,
-            &s.amqp.dead_letter_queue,
-            props,
-            json!({"payment_id": uuid::Uuid::new_v4()})
-                .to_string()
-                .into_bytes(),
-        )
-        .await;
-    publisher.confirmed().await;
-    let _ = conn.close().await;
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn the_healthcheck_command_exits_by_the_health_answer() {
     let app = TestApp::spawn().await;
@@ -315,11 +299,7 @@ async fn the_healthcheck_command_exits_by_the_health_answer() {
 async fn the_binary_serves_role_metrics_on_metrics_bind_and_stops_on_sigterm() {
     let db = TestDb::new().await;
     let (s, broker) = fast(&db);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let a = &s.amqp;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_async-pay"))
         .arg("dlq-watch")
@@ -345,7 +325,16 @@ async fn the_binary_serves_role_metrics_on_metrics_bind_and_stops_on_sigterm() {
     })
     .await;
     // The process's own work shows: dlq-watch records a dead letter and counts it.
-    publish_dead_letter(&broker, &s).await;
+    crate::backstop::dead_letter(
+        &broker,
+        &[(
+            "dead-by-hand",
+            json!({"payment_id": uuid::Uuid::new_v4()})
+                .to_string()
+                .into_bytes(),
+        )],
+    )
+    .await;
     let series = r#"async_pay_dead_letters_total{reason="unknown"}"#;
     let text = eventually(
         Duration::from_secs(10),

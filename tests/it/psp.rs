@@ -184,6 +184,12 @@ impl Psp {
         s.requests.iter().filter(|r| r.0 == "POST").count()
     }
 
+    /// Status questions (GETs) the provider was asked.
+    pub fn status_requests(&self) -> usize {
+        let s = self.state.lock().unwrap();
+        s.requests.iter().filter(|r| r.0 == "GET").count()
+    }
+
     /// POSTs being answered right now.
     pub fn in_progress(&self) -> usize {
         self.state.lock().unwrap().in_progress.len()

@@ -2,7 +2,8 @@
 # The README's quick start, first command, as a new user types it: `cargo run -- dev`, then the
 # README's own curl example (taken from README.md, not copied here). Passes when the payment is
 # final and its webhook attempted, and Ctrl-C stops everything cleanly. Run by CI (.ci/run).
-# Afterwards it drops the database `dev` created (async_pay), as tests do with theirs.
+# Afterwards it drops the database `dev` created (async_pay), as tests do with theirs; one that
+# existed before (someone's `just run`) is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,9 @@ if (exec 3<>/dev/tcp/127.0.0.1/8000) 2>/dev/null; then
   echo "port 8000 is taken: the quick start needs it" >&2
   exit 1
 fi
+
+existed=$(psql -h 127.0.0.1 -U postgres -d postgres -Atc \
+  "SELECT count(*) FROM pg_database WHERE datname = 'async_pay'")
 
 # Its own process group, so that the Ctrl-C below reaches cargo and async-pay, as a terminal's
 # would.
@@ -76,5 +80,7 @@ echo "webhook attempts: $attempts"
 stop
 grep -q "async-pay dev stopped" "$log" || fail "Ctrl-C did not stop async-pay dev cleanly"
 echo "Ctrl-C: async-pay dev stopped"
-psql -q -h 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS async_pay WITH (FORCE)'
+if [ "$existed" = 0 ]; then
+  psql -q -h 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS async_pay WITH (FORCE)'
+fi
 echo "quick start: ok"
